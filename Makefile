@@ -1,0 +1,28 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench completions clean
+
+# Reinstall when the dependency list changes; editable install, so code edits need nothing.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/medvl demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m tests.bench.run_all
+
+completions: $(STAMP)
+	$(BIN)/python -m medvl.commands.completion_gen completions
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,75 @@
+"""The `medvl` command: one Typer app, an explicit list of subcommands.
+
+Every command module here is cheap to import (typer + rich only); torch, transformers, accelerate, peft and
+textual are imported inside command bodies, so `medvl --help` and TAB completion stay well under a quarter
+second (tests/test_cli_startup.py proves no heavy module is loaded).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from medvl import __version__
+
+app = typer.Typer(
+    name="medvl",
+    help="Build medical vision-language models from the terminal: convert, prepare-data, train, eval, chat, export.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"medvl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print the medvl version and exit."),
+) -> None:
+    """medvl: the HuatuoGPT-Vision recipe, end to end, for Qwen2/2.5/3-VL, LLaVA and InternVL."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The explicit list of commands. A command is registered only once it works; tests/test_cli.py keeps this
+# list, the help output and the completion scripts in step.
+from medvl.commands import doctor as _doctor  # noqa: E402
+from medvl.commands import tiny as _tiny  # noqa: E402
+
+COMMANDS = {
+    "doctor": _doctor.doctor,
+    "tiny": _tiny.tiny,
+}
+GROUPS = {}
+
+for _name, _fn in COMMANDS.items():
+    app.command(_name, epilog=getattr(sys.modules[_fn.__module__], "EXAMPLES", None))(_fn)
+for _name, _group in GROUPS.items():
+    app.add_typer(_group, name=_name)
+
+
+def main() -> None:
+    """Console-script entry: user mistakes (MedvlError) print as a panel and exit 2, never a traceback."""
+    from medvl.errors import MedvlError
+
+    try:
+        app(standalone_mode=True)
+    except MedvlError as exc:
+        from medvl.commands.ui import print_error
+
+        print_error(exc)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

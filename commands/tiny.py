@@ -1,0 +1,29 @@
+"""`medvl tiny`: build a random tiny model of any family, offline, for tests, demos and trying commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from medvl.commands.options import FamilyOpt, OutDirOpt
+from medvl.commands.ui import console
+
+EXAMPLES = """[bold]Examples[/]
+  medvl tiny --family qwen2.5-vl --out tiny-qwen25vl
+  medvl tiny --family causal-lm --out tiny-lm --overwrite"""
+
+
+def tiny(
+    out: OutDirOpt,
+    family: FamilyOpt = "qwen2.5-vl",
+    seed: int = typer.Option(0, help="Seed for the random weights (same seed, same weights)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+) -> None:
+    """Build a random tiny model (real BPE tokenizer, chat template, processor) in save_pretrained layout."""
+    from medvl.tiny import build_tiny
+
+    model, _ = build_tiny(family, out, seed=seed, overwrite=overwrite)
+    params = sum(p.numel() for p in model.parameters())
+    files = ", ".join(sorted(p.name for p in Path(out).iterdir()))
+    console.print(f"[green]built[/] tiny {family} model: {params:,} parameters -> {out}\n  files: {files}")

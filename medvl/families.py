@@ -1,0 +1,194 @@
+"""The supported model families: one explicit table.
+
+A family is detected from `config.json`'s `model_type`, never from a directory name (HuatuoGPT-Vision's
+`cli.py` picked the class by a substring of the path, so a renamed directory broke loading).
+
+For each family the table says which transformers class holds the model, how to build its processor, where
+its vision tower / projector / language model live in the parameter names (both the layout transformers uses
+since 4.52, `model.language_model.*`, and the older one, `model.*` + `visual.*`), which LoRA targets stay inside
+the language model, and how a chat turn ends. This module imports nothing heavy: completion and the recipe
+checker read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medvl.errors import MedvlError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parameter-name prefixes of each group. A name belongs to the first group whose prefix matches, checked
+    projector first (the Qwen merger sits *inside* `visual`)."""
+
+    vision: tuple[str, ...]
+    projector: tuple[str, ...]
+    language: tuple[str, ...]
+    head: tuple[str, ...] = ("lm_head.",)
+
+    def group_of(self, name: str) -> str:
+        for group in ("projector", "vision", "head", "language"):
+            if name.startswith(getattr(self, group)):
+                return group
+        return "other"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    model_class: str  # transformers class name
+    processor_class: str | None  # None: text-only, the tokenizer is the processor
+    image_processor_class: str | None  # the PIL backend class (works without torchvision)
+    has_video_processor: bool  # its stock processor cannot be built without torchvision
+    layout: Layout
+    legacy_layout: Layout | None  # pre-4.52 checkpoints; None where the family is newer than that
+    image_token: str | None  # the token the processor expands into visual tokens
+    end_of_turn: str  # trained as part of every assistant turn
+    default_system: str | None  # what the stock chat template inserts when no system turn is given
+    mrope: bool = False  # 3-D rotary position ids (Qwen-VL): packing must build them per sample
+    notes: str = ""
+    # LoRA on the language model only: a plain ["q_proj", ...] list also wraps the Qwen vision blocks'
+    # gate/up/down projections (6 extra modules on the tiny model; see environment.md section 5).
+    lora_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_vision(self) -> bool:
+        return self.processor_class is not None
+
+    def lora_regex(self, *, vision: bool = False, projector: bool = False) -> str:
+        """A peft `target_modules` regex: the language model's linear layers, optionally the vision tower's and
+        the projector's (their own module names, which differ per family)."""
+        escaped = "|".join(p.rstrip(".").replace(".", r"\.") for p in self.layout.language)
+        parts = [rf"(?:{escaped})\..*\.(?:{'|'.join(self.lora_modules)})"]
+        if vision and self.extra.get("vision_lora"):
+            vis = "|".join(p.rstrip(".").replace(".", r"\.") for p in self.layout.vision)
+            parts.append(rf"(?:{vis})\..*\.(?:{'|'.join(self.extra['vision_lora'])})")
+        if projector and self.extra.get("projector_lora"):
+            proj = "|".join(p.rstrip(".").replace(".", r"\.") for p in self.layout.projector)
+            parts.append(rf"(?:{proj})(?:\..*)?\.(?:{'|'.join(self.extra['projector_lora'])})")
+        return "^(?:" + "|".join(parts) + ")$"
+
+
+_CHATML_END = "<|im_end|>"
+_QWEN_SYSTEM = "You are a helpful assistant."
+
+_QWEN_VL_LAYOUT = Layout(vision=("model.visual.",), projector=("model.visual.merger.",),
+                         language=("model.language_model.",))
+_QWEN_VL_LEGACY = Layout(vision=("visual.",), projector=("visual.merger.",), language=("model.",))
+_HF_VLM_LAYOUT = Layout(vision=("model.vision_tower.",), projector=("model.multi_modal_projector.",),
+                        language=("model.language_model.",))
+_HF_VLM_LEGACY = Layout(vision=("vision_tower.",), projector=("multi_modal_projector.",),
+                        language=("language_model.model.",), head=("language_model.lm_head.",))
+
+FAMILIES: dict[str, Family] = {
+    "qwen2-vl": Family(
+        name="qwen2-vl", model_types=("qwen2_vl",), model_class="Qwen2VLForConditionalGeneration",
+        processor_class="Qwen2VLProcessor", image_processor_class="Qwen2VLImageProcessorPil",
+        has_video_processor=True, layout=_QWEN_VL_LAYOUT, legacy_layout=_QWEN_VL_LEGACY,
+        image_token="<|image_pad|>", end_of_turn=_CHATML_END, default_system=_QWEN_SYSTEM, mrope=True,
+        extra={"vision_lora": ("qkv", "attn.proj", "fc1", "fc2"), "projector_lora": ("mlp.0", "mlp.2"),
+               "patch_size": 14, "merge_size": 2},
+    ),
+    "qwen2.5-vl": Family(
+        name="qwen2.5-vl", model_types=("qwen2_5_vl",), model_class="Qwen2_5_VLForConditionalGeneration",
+        processor_class="Qwen2_5_VLProcessor", image_processor_class="Qwen2VLImageProcessorPil",
+        has_video_processor=True, layout=_QWEN_VL_LAYOUT, legacy_layout=_QWEN_VL_LEGACY,
+        image_token="<|image_pad|>", end_of_turn=_CHATML_END, default_system=_QWEN_SYSTEM, mrope=True,
+        notes="HuatuoGPT-Vision-7B-Qwen2.5VL; the recipe this tool follows.",
+        extra={"vision_lora": ("qkv", "attn.proj", "gate_proj", "up_proj", "down_proj"),
+               "projector_lora": ("mlp.0", "mlp.2"), "patch_size": 14, "merge_size": 2},
+    ),
+    "qwen3-vl": Family(
+        name="qwen3-vl", model_types=("qwen3_vl",), model_class="Qwen3VLForConditionalGeneration",
+        processor_class="Qwen3VLProcessor", image_processor_class="Qwen2VLImageProcessorPil",
+        has_video_processor=True,
+        layout=Layout(vision=("model.visual.",),
+                      projector=("model.visual.merger.", "model.visual.deepstack_merger_list."),
+                      language=("model.language_model.",)),
+        legacy_layout=None,  # Qwen3-VL arrived after the 4.52 re-layout
+        image_token="<|image_pad|>", end_of_turn=_CHATML_END, default_system=None, mrope=True,
+        extra={"vision_lora": ("qkv", "attn.proj", "linear_fc1", "linear_fc2"),
+               "projector_lora": ("linear_fc1", "linear_fc2"), "patch_size": 16, "merge_size": 2},
+    ),
+    "llava": Family(
+        name="llava", model_types=("llava",), model_class="LlavaForConditionalGeneration",
+        processor_class="LlavaProcessor", image_processor_class="CLIPImageProcessorPil",
+        has_video_processor=False, layout=_HF_VLM_LAYOUT, legacy_layout=_HF_VLM_LEGACY,
+        image_token="<image>", end_of_turn=_CHATML_END, default_system=None,
+        notes="transformers LlavaForConditionalGeneration (e.g. HuatuoGPT-Vision-7B-hf); end of turn follows "
+              "the text model's template (ChatML for Qwen2 backbones).",
+        extra={"vision_lora": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+               "projector_lora": ("linear_1", "linear_2")},
+    ),
+    "internvl": Family(
+        name="internvl", model_types=("internvl",), model_class="InternVLForConditionalGeneration",
+        processor_class="InternVLProcessor", image_processor_class="GotOcr2ImageProcessorPil",
+        has_video_processor=True, layout=_HF_VLM_LAYOUT, legacy_layout=_HF_VLM_LEGACY,
+        image_token="<IMG_CONTEXT>", end_of_turn=_CHATML_END, default_system=None,
+        notes="transformers InternVLForConditionalGeneration (the -hf checkpoints), not the remote-code chat model.",
+        extra={"vision_lora": ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"),
+               "projector_lora": ("linear_1", "linear_2")},
+    ),
+    "causal-lm": Family(
+        name="causal-lm", model_types=("qwen2", "qwen3", "llama"), model_class="AutoModelForCausalLM",
+        processor_class=None, image_processor_class=None, has_video_processor=False,
+        layout=Layout(vision=(), projector=(), language=("model.",)), legacy_layout=None,
+        image_token=None, end_of_turn=_CHATML_END, default_system=None,
+        notes="text-only medical dialogue SFT (DISC-MedLLM style); end of turn is read from the tokenizer's "
+              "template for Llama checkpoints.",
+    ),
+}
+
+FAMILY_NAMES = tuple(FAMILIES)
+
+
+def family_for_model_type(model_type: str) -> Family:
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    supported = ", ".join(f"{t} ({f.name})" for f in FAMILIES.values() for t in f.model_types)
+    raise MedvlError(
+        f"model_type '{model_type}' is not a supported family",
+        fix=f"supported model types: {supported}. Remote-code models (e.g. the original InternVL chat model) "
+            "are not supported; use their transformers '-hf' conversion.",
+    )
+
+
+def detect_family(model_dir: str | Path) -> Family:
+    """Family of a local checkpoint directory, from its config.json `model_type`."""
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.is_file():
+        raise MedvlError(f"no config.json in {model_dir}", where=str(model_dir),
+                         fix="point at a directory saved with save_pretrained (it holds config.json and weights)")
+    try:
+        model_type = json.loads(cfg_path.read_text())["model_type"]
+    except (ValueError, KeyError) as exc:
+        raise MedvlError(f"config.json has no readable model_type ({exc})", where=str(cfg_path)) from None
+    return family_for_model_type(model_type)
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, FAMILY_NAMES, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise MedvlError(f"unknown model family '{name}'", fix=f"{hint}choose one of: {', '.join(FAMILY_NAMES)}") from None
+
+
+def detect_layout(param_names, family: Family) -> Layout:
+    """Which of the family's two layouts a set of parameter names uses (a checkpoint on disk may be either)."""
+    names = list(param_names)
+    if family.legacy_layout is None:
+        return family.layout
+    current = sum(1 for n in names if n.startswith(family.layout.language))
+    legacy = sum(1 for n in names if n.startswith(family.legacy_layout.language)
+                 and not n.startswith(family.layout.language))
+    return family.layout if current >= legacy else family.legacy_layout

@@ -1,0 +1,114 @@
+"""Loading a checkpoint of any supported family: the model class, the processor, the dtype.
+
+Processors of the Qwen-VL and InternVL families carry a video processor, and transformers cannot build one
+without torchvision (which has no CPU build to pair with our pinned torch). On such machines medvl loads an
+image-only subclass of the family's processor: same tokenizer, same image processor, same placeholder
+expansion, no video. Where torchvision imports, the stock processor is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+from medvl.errors import MedvlError
+from medvl.families import Family, detect_family, get_family
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@functools.cache
+def torchvision_usable() -> bool:
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # a CUDA-linked torchvision next to CPU torch fails at import with a RuntimeError
+        return False
+    return True
+
+
+def image_only_processor_class(family: Family):
+    """The family's processor class, minus the video processor where that one cannot be built.
+
+    ProcessorMixin derives the processor's parts from its __init__ signature, so a subclass whose __init__ has
+    no `video_processor` parameter is a processor of (image_processor, tokenizer) only.
+    """
+    return _image_only_class(family.processor_class) if family.has_video_processor else _stock_class(family)
+
+
+def _stock_class(family: Family):
+    import transformers as T
+
+    return getattr(T, family.processor_class)
+
+
+@functools.cache
+def _image_only_class(processor_class: str):
+    import transformers as T
+
+    base = getattr(T, processor_class)
+    # transformers reads a processor's accepted arguments from __init__.__code__, so each variant spells its
+    # parameters out; InternVL's image_seq_length must survive a save/load round trip.
+    if processor_class == "InternVLProcessor":
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None,
+                     **kwargs):
+            kwargs.pop("video_processor", None)
+            base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, image_seq_length=image_seq_length,
+                          chat_template=chat_template, **kwargs)
+    else:
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            kwargs.pop("video_processor", None)
+            base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                          **kwargs)
+
+    # Same class name as the base: processor_config.json then names the stock class, so a saved or exported
+    # directory loads with stock transformers (AutoProcessor) on a machine that has torchvision.
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": __name__,
+                                         "__doc__": f"{base.__name__} without the video processor."})
+
+
+def load_processor(path: str | Path, family: Family | None = None):
+    """Processor (or tokenizer, for text-only families) of a local checkpoint directory or hub id."""
+    family = family or detect_family(path)
+    if not family.is_vision:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    if family.has_video_processor and torchvision_usable():
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path)
+    return image_only_processor_class(family).from_pretrained(path)
+
+
+def model_class(family: Family):
+    import transformers as T
+
+    return getattr(T, family.model_class)
+
+
+def load_model(path: str | Path, family: Family | str | None = None, *, dtype: str = "fp32",
+               attn_implementation: str | None = None, trust_remote_code: bool = False, device_map=None):
+    """The model of a checkpoint, as its family's class. `trust_remote_code` stays off unless asked for."""
+    import torch
+
+    if isinstance(family, str):
+        family = get_family(family)
+    family = family or detect_family(path)
+    if dtype not in DTYPES:
+        raise MedvlError(f"unknown dtype '{dtype}'", fix=f"use one of {', '.join(DTYPES)}")
+    kwargs = dict(dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        return model_class(family).from_pretrained(path, **kwargs)
+    except ImportError as exc:
+        if "flash_attn" in str(exc) or "flash_attention" in str(exc):
+            raise MedvlError(f"flash attention was asked for but is not usable here: {exc}",
+                             fix="set model.attn_implementation: sdpa, or install flash-attn on a CUDA machine "
+                                 "(`medvl doctor` shows what is available)") from None
+        raise

@@ -1,0 +1,93 @@
+"""The family table against real (tiny) models: groups, layouts, LoRA targets, detection."""
+
+import json
+import re
+
+import pytest
+
+from medvl.commands.options import FAMILY_NAMES
+from medvl.errors import MedvlError
+from medvl.families import FAMILIES, detect_family, detect_layout, family_for_model_type, get_family
+
+from .conftest import FAMILIES as ALL
+
+
+def test_completion_names_match_table():
+    # commands/options.py keeps its own copy so TAB never imports this module.
+    assert tuple(FAMILIES) == FAMILY_NAMES == ALL
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_every_parameter_has_a_group(family):
+    from medvl.tiny import build_tiny
+
+    fam = get_family(family)
+    model, _ = build_tiny(family)
+    groups = {}
+    for name, p in model.named_parameters():
+        groups.setdefault(fam.layout.group_of(name), 0)
+        groups[fam.layout.group_of(name)] += p.numel()
+    assert "other" not in groups
+    assert groups["language"] > 0 and groups["head"] > 0
+    if fam.is_vision:
+        assert groups["vision"] > 0 and groups["projector"] > 0
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_lora_regex_stays_in_language_model(family):
+    from medvl.tiny import build_tiny
+
+    fam = get_family(family)
+    model, _ = build_tiny(family)
+    modules = [n for n, _ in model.named_modules()]
+    lm_only = [n for n in modules if re.match(fam.lora_regex(), n)]
+    # 2 layers x 7 projections (q, k, v, o, gate, up, down)
+    assert len(lm_only) == 14
+    assert all(fam.layout.group_of(n + ".weight") == "language" for n in lm_only)
+    if fam.is_vision:
+        wider = [n for n in modules if re.match(fam.lora_regex(vision=True, projector=True), n)]
+        groups = {fam.layout.group_of(n + ".weight") for n in wider}
+        assert groups == {"language", "vision", "projector"}
+        # Only linear layers: peft cannot wrap the Qwen Conv3d patch embedding.
+        import torch
+
+        assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in wider)
+
+
+def test_detect_family_from_config(tmp_path):
+    for fam in FAMILIES.values():
+        for model_type in fam.model_types:
+            (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+            assert detect_family(tmp_path) is fam
+
+
+def test_unknown_model_type_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat"}))
+    with pytest.raises(MedvlError) as err:
+        detect_family(tmp_path)
+    assert "internvl_chat" in str(err.value) and "qwen2_5_vl (qwen2.5-vl)" in str(err.value)
+
+
+def test_missing_config_is_a_clear_error(tmp_path):
+    with pytest.raises(MedvlError, match="no config.json"):
+        detect_family(tmp_path)
+
+
+def test_unknown_family_name_suggests():
+    with pytest.raises(MedvlError, match="did you mean 'qwen2.5-vl'"):
+        get_family("qwen25-vl")
+
+
+def test_legacy_layout_detection():
+    fam = family_for_model_type("qwen2_5_vl")
+    old = ["visual.blocks.0.attn.qkv.weight", "visual.merger.mlp.0.weight", "model.layers.0.mlp.up_proj.weight",
+           "model.embed_tokens.weight", "lm_head.weight"]
+    layout = detect_layout(old, fam)
+    assert layout is fam.legacy_layout
+    assert [layout.group_of(n) for n in old] == ["vision", "projector", "language", "language", "head"]
+    new = ["model.visual.blocks.0.attn.qkv.weight", "model.language_model.layers.0.mlp.up_proj.weight"]
+    assert detect_layout(new, fam) is fam.layout
+    llava_old = ["language_model.model.layers.0.self_attn.q_proj.weight", "language_model.lm_head.weight",
+                 "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "multi_modal_projector.linear_1.weight"]
+    lay = detect_layout(llava_old, get_family("llava"))
+    assert [lay.group_of(n) for n in llava_old] == ["language", "head", "vision", "projector"]

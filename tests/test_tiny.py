@@ -1,0 +1,78 @@
+"""Every family: build, save, reload offline, processor call with an image, forward+loss, backward, generate."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from medvl.errors import MedvlError
+from medvl.families import get_family
+from medvl.models import load_model, load_processor
+from medvl.tiny import build_tiny
+
+from .conftest import FAMILIES
+
+
+def _inputs(family, processor):
+    if family == "causal-lm":
+        msgs = [{"role": "user", "content": "is there a pleural effusion?"}, {"role": "assistant", "content": "no"}]
+        return processor(processor.apply_chat_template(msgs, tokenize=False), return_tensors="pt")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is the blue shape?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "circle"}]}]
+    text = processor.apply_chat_template(msgs, tokenize=False)
+    return processor(text=[text], images=[Image.new("RGB", (64, 64), "blue")], return_tensors="pt")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_round_trip(family, tiny_dir):
+    path = tiny_dir(family)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] in get_family(family).model_types
+    for name in ("tokenizer.json", "chat_template.jinja", "model.safetensors", "generation_config.json"):
+        assert (path / name).is_file(), name
+    model, processor = load_model(path), load_processor(path)
+    enc = _inputs(family, processor)
+    if family != "causal-lm":
+        image_token = processor.tokenizer.convert_tokens_to_ids(get_family(family).image_token)
+        assert int((enc["input_ids"] == image_token).sum()) >= 4  # the placeholder was expanded
+    out = model(**enc, labels=enc["input_ids"])
+    # random init over a ~600-token vocabulary: loss near ln(600) = 6.4
+    assert 5.0 < float(out.loss) < 8.0
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    gen = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] == enc["input_ids"].shape[1] + 4 or int(gen[0, -1]) == model.generation_config.eos_token_id
+    again = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert torch.equal(gen, again)
+
+
+def test_saved_processor_names_stock_class(tiny_dir):
+    # The image-only subclass must save under the stock class name, so the directory loads with
+    # AutoProcessor wherever torchvision exists.
+    cfg = json.loads((tiny_dir("qwen2.5-vl") / "processor_config.json").read_text())
+    assert cfg["processor_class"] == "Qwen2_5_VLProcessor"
+    internvl = json.loads((tiny_dir("internvl") / "processor_config.json").read_text())
+    assert internvl["image_seq_length"] == 4 and load_processor(tiny_dir("internvl")).image_seq_length == 4
+
+
+def test_same_seed_same_weights():
+    a, _ = build_tiny("qwen2.5-vl", seed=3)
+    b, _ = build_tiny("qwen2.5-vl", seed=3)
+    c, _ = build_tiny("qwen2.5-vl", seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_refuses_non_empty_dir_and_leaves_nothing_half_written(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MedvlError, match="not empty"):
+        build_tiny("causal-lm", out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    build_tiny("causal-lm", out, overwrite=True)
+    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no .partial leftovers
