@@ -1,0 +1,272 @@
+"""From a normalized record to model inputs: chat template, loss mask, image-safe truncation, packing.
+
+Loss mask. The record says which assistant turns are trainable (`train`); the policy picks among them:
+`all` trains every trainable assistant turn (medvl's default), `last` only the last one (HuatuoGPT-Vision's
+`train_vl.py`). A trained span is the assistant's content plus the end-of-turn token (`<|im_end|>`), never the
+role prefix (`<|im_start|>assistant\\n`) and never the newline after the end of turn.
+
+How the span is found without per-template rules: the template rendered for the conversation up to turn i with
+`add_generation_prompt=True` is a prefix of the full rendering; the assistant content starts where that prefix
+ends. Character spans become token labels through the tokenizer's offsets; the processor then expands each image
+placeholder into its visual tokens, and `align_labels` walks both sequences so the labels follow.
+
+Truncation never cuts inside an image: a sample longer than `max_seq_len` loses whole trailing turns (and the
+images those turns held); if not even the first exchange fits, the sample is rejected with its reason.
+
+Packing: several samples in one row with positions restarting at 0 per sample. transformers turns restarting
+position ids into a block-diagonal causal mask (no attention across samples); the Qwen-VL families get their 3-D
+mRoPE ids computed per sample and stacked under a row of 1-D text positions (the 4-row form their forward takes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from medvl.families import Family
+
+IGNORE = -100
+PLACEHOLDER = "<image>"
+# Keys whose second dimension is the token sequence; everything else the processor returns is per image.
+TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    vision: dict = field(default_factory=dict)  # per-image tensors (pixel_values, image_grid_thw, ...)
+    mm_token_type_ids: list[int] | None = None
+    n_images: int = 0
+    dropped_turns: int = 0
+    sample_id: str = ""
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Rejected:
+    sample_id: str
+    reason: str  # a short code: too_long, no_supervised_tokens, template
+    message: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# chat template -> text + trained character spans
+
+def to_template_messages(messages: list[dict], vision: bool) -> list[dict]:
+    """Normalized messages (content strings with <image>) -> the content-block form every chat template reads."""
+    out = []
+    for m in messages:
+        if not vision:
+            out.append({"role": m["role"], "content": m["content"]})
+            continue
+        blocks = []
+        for i, part in enumerate(m["content"].split(PLACEHOLDER)):
+            if i:
+                blocks.append({"type": "image"})
+            if part:
+                blocks.append({"type": "text", "text": part})
+        out.append({"role": m["role"], "content": blocks})
+    return out
+
+
+def trained_turns(messages: list[dict], loss_mask: str) -> list[int]:
+    idx = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
+    if loss_mask == "last":
+        return idx[-1:]
+    if loss_mask != "all":
+        raise ValueError(f"loss_mask must be 'all' or 'last', not {loss_mask!r}")
+    return idx
+
+
+def render_with_spans(template_owner, messages: list[dict], family: Family, loss_mask: str = "all"):
+    """(text, [(start, end) character spans to train]) for a conversation; raises ValueError if the template
+    does not render prefixes consistently (then no span could be trusted)."""
+    tmsgs = to_template_messages(messages, family.is_vision)
+    text = template_owner.apply_chat_template(tmsgs, tokenize=False)
+    spans = []
+    for i in trained_turns(messages, loss_mask):
+        prefix = template_owner.apply_chat_template(tmsgs[:i], tokenize=False, add_generation_prompt=True)
+        if not text.startswith(prefix):
+            raise ValueError("chat template renders the conversation prefix differently from the full text")
+        start = len(prefix)
+        end = text.find(family.end_of_turn, start)
+        if end < 0:
+            raise ValueError(f"assistant turn {i} has no {family.end_of_turn} in the rendered template")
+        spans.append((start, end + len(family.end_of_turn)))
+    return text, spans
+
+
+def labels_from_spans(offsets, input_ids: list[int], spans) -> list[int]:
+    labels = [IGNORE] * len(input_ids)
+    j = 0
+    for t, (s, e) in enumerate(offsets):
+        while j < len(spans) and spans[j][1] <= s:
+            j += 1
+        if j < len(spans) and s >= spans[j][0] and e <= spans[j][1] and e > s:
+            labels[t] = input_ids[t]
+    return labels
+
+
+def align_labels(expanded: list[int], plain: list[int], plain_labels: list[int]) -> list[int]:
+    """Labels for the processor's sequence, where each image placeholder became a run of visual tokens
+    (and, for InternVL, <img> ... </img> around it). Inserted tokens are never trained."""
+    out, j = [], 0
+    for tok in expanded:
+        if j < len(plain) and tok == plain[j]:
+            out.append(plain_labels[j])
+            j += 1
+        else:
+            out.append(IGNORE)
+    if j != len(plain):
+        raise ValueError(f"processor output does not contain the tokenized text ({j}/{len(plain)} tokens matched)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one record -> Encoded, with image-safe truncation
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def _encode_once(messages, images, processor, family: Family, loss_mask: str, sample_id: str) -> Encoded:
+    tok = _tokenizer(processor)
+    text, spans = render_with_spans(processor, messages, family, loss_mask)
+    plain = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = labels_from_spans(plain["offset_mapping"], plain["input_ids"], spans)
+    if not family.is_vision:
+        return Encoded(plain["input_ids"], labels, sample_id=sample_id)
+    out = processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
+    ids = out["input_ids"][0].tolist()
+    enc = Encoded(ids, align_labels(ids, plain["input_ids"], labels), n_images=len(images), sample_id=sample_id)
+    if "mm_token_type_ids" in out:
+        enc.mm_token_type_ids = out["mm_token_type_ids"][0].tolist()
+    enc.vision = {k: v for k, v in out.items() if k not in TOKEN_KEYS} if images else {}
+    return enc
+
+
+def _cut_points(messages: list[dict]) -> list[int]:
+    """Prefix lengths that end on an assistant turn, longest first."""
+    return [i + 1 for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "assistant"]
+
+
+def encode_record(record: dict, images: list, processor, family: Family, *, loss_mask: str = "all",
+                  max_seq_len: int | None = None) -> Encoded | Rejected:
+    """Encode one normalized record (images already loaded as PIL, in placeholder order)."""
+    messages, sample_id = record["messages"], str(record.get("id", ""))
+    try:
+        for n_dropped, cut in enumerate(_cut_points(messages)):
+            kept = messages[:cut]
+            if not trained_turns(kept, loss_mask):
+                break
+            n_img = sum(m["content"].count(PLACEHOLDER) for m in kept)
+            enc = _encode_once(kept, images[:n_img], processor, family, loss_mask, sample_id)
+            if max_seq_len is None or len(enc) <= max_seq_len:
+                enc.dropped_turns = len(messages) - cut
+                if enc.n_supervised == 0:
+                    return Rejected(sample_id, "no_supervised_tokens", "no token is trained in this sample")
+                return enc
+            last_len = len(enc)
+    except ValueError as exc:
+        return Rejected(sample_id, "template", str(exc))
+    if not trained_turns(messages, loss_mask):
+        return Rejected(sample_id, "no_supervised_tokens", "no trainable assistant turn")
+    return Rejected(sample_id, "too_long",
+                    f"even the first exchange is {last_len} tokens, over max_seq_len={max_seq_len}; "
+                    "raise data.max_seq_len or lower the image resolution (max_pixels)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# batches
+
+def collate(samples: list[Encoded], pad_id: int, *, pack: bool = False) -> dict:
+    """A padded batch (right padding) or, with pack=True, one row holding every sample back to back."""
+    import torch
+
+    batch: dict = {}
+    if pack:
+        ids = [t for s in samples for t in s.input_ids]
+        batch["input_ids"] = torch.tensor([ids])
+        batch["labels"] = torch.tensor([[t for s in samples for t in s.labels]])
+        batch["position_ids"] = torch.tensor([[p for s in samples for p in range(len(s))]])
+        if samples[0].mm_token_type_ids is not None:
+            batch["mm_token_type_ids"] = torch.tensor([[t for s in samples for t in s.mm_token_type_ids]])
+    else:
+        width = max(len(s) for s in samples)
+        pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
+        batch["input_ids"] = torch.tensor([pad(s.input_ids, pad_id) for s in samples])
+        batch["labels"] = torch.tensor([pad(s.labels, IGNORE) for s in samples])
+        batch["attention_mask"] = torch.tensor([pad([1] * len(s), 0) for s in samples])
+        if samples[0].mm_token_type_ids is not None:
+            batch["mm_token_type_ids"] = torch.tensor([pad(s.mm_token_type_ids, 0) for s in samples])
+    keys = sorted({k for s in samples for k in s.vision})
+    for k in keys:
+        batch[k] = torch.cat([s.vision[k] for s in samples if k in s.vision], dim=0)
+    batch["seq_lens"] = torch.tensor([len(s) for s in samples])
+    batch["images_per_sample"] = torch.tensor([s.n_images for s in samples])
+    return batch
+
+
+def packed_mrope_position_ids(model, batch: dict):
+    """4-row position ids (text; temporal, height, width) for a packed Qwen-VL row, each sample from 0."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rope = inner.model.get_rope_index
+    rows, img_at, patch_at = [], 0, 0
+    grids = batch.get("image_grid_thw")
+    start = 0
+    for n, k in zip(batch["seq_lens"].tolist(), batch["images_per_sample"].tolist()):
+        ids = batch["input_ids"][:, start:start + n]
+        if k:
+            grid = grids[img_at:img_at + k]
+            mm = batch["mm_token_type_ids"][:, start:start + n]
+            pos, _ = rope(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=torch.ones_like(ids))
+            img_at += k
+        else:
+            pos = torch.arange(n).view(1, 1, n).expand(3, 1, n)
+        text = torch.arange(n).view(1, 1, n)
+        rows.append(torch.cat([text, pos.to(text.dtype)], dim=0))
+        start += n
+    return torch.cat(rows, dim=2)
+
+
+def model_inputs(model, family: Family, batch: dict) -> dict:
+    """The keyword arguments for model(**...): drops bookkeeping keys, builds packed mRoPE positions."""
+    kwargs = {k: v for k, v in batch.items() if k not in ("seq_lens", "images_per_sample", "labels")}
+    # No KV cache in training; with one, transformers also skips packed-sequence detection and packed samples
+    # would attend to each other.
+    kwargs["use_cache"] = False
+    if "position_ids" in kwargs and family.mrope:
+        kwargs["position_ids"] = packed_mrope_position_ids(model, batch)
+    return kwargs
+
+
+
+
+def padding_waste(lengths: list[int], micro_batch: int, pack_budget: int | None = None) -> float:
+    """Fraction of token slots that are padding: padded batches of `micro_batch` in order, or packed rows of at
+    most `pack_budget` tokens (greedy, in order)."""
+    if not lengths:
+        return 0.0
+    if pack_budget is None:
+        slots = sum(max(lengths[i:i + micro_batch]) * len(lengths[i:i + micro_batch])
+                    for i in range(0, len(lengths), micro_batch))
+        return 1 - sum(lengths) / slots
+    rows, used = [], 0
+    for n in lengths:
+        if used and used + n > pack_budget:
+            rows.append(used)
+            used = 0
+        used += n
+    rows.append(used)
+    # Packed rows are padding-free: a row is exactly its tokens. Waste appears only if rows are padded to the
+    # longest row of a micro-batch of `micro_batch` rows.
+    slots = sum(max(rows[i:i + micro_batch]) * len(rows[i:i + micro_batch]) for i in range(0, len(rows), micro_batch))
+    return 1 - sum(rows) / slots
