@@ -74,3 +74,120 @@ class RichProgress:
 
 def is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+class TrainConsole:
+    """A metric sink that shows a training run: a live panel on a terminal, one plain line per log otherwise."""
+
+    def __init__(self, console_: Console | None = None):
+        self.console = console_ or console
+        self.live = None
+        self.losses: list[float] = []
+        self.last: dict = {}
+        self.start: dict = {}
+        self.lines: list[str] = []
+
+    def log(self, event: dict) -> None:
+        kind = event.get("kind")
+        if kind == "start":
+            self.start = event
+            self._print_table(event.get("table", []))
+            self.console.print(f"[bold]run[/] {event['run_dir']}  family {event['family']}  "
+                               f"{event['world_size']} process(es), {event['distributed']}, {event['device']}  "
+                               f"global batch {event['global_batch']}  steps {event['start_step']}->{event['total_steps']}")
+            if self.console.is_terminal:
+                from rich.live import Live
+
+                self.live = Live(self._panel(), console=self.console, refresh_per_second=4, transient=False)
+                self.live.start()
+            return
+        if kind == "train":
+            self.losses.append(event["loss"])
+            self.last = event
+            if self.live is None:
+                self.console.print(self._line(event))
+        elif kind == "eval":
+            self._note(f"step {event['step']}: " + ", ".join(f"{k} {v}" for k, v in event.items()
+                                                             if k not in ("kind", "step", "time")))
+        elif kind == "warning":
+            self._note(f"[yellow]warning[/] step {event['step']}: {event['message']}  ({event.get('hint', '')})")
+        elif kind == "checkpoint":
+            self._note(f"[dim]checkpoint {event['path']}[/]")
+        elif kind == "end":
+            self._note(f"[green]done[/] in {event['wall_s']} s -> {event['final_dir']}")
+        if self.live is not None:
+            self.live.update(self._panel())
+
+    def _note(self, text: str) -> None:
+        if self.live is not None:
+            self.lines = (self.lines + [text])[-6:]
+        else:
+            self.console.print(text)
+
+    @staticmethod
+    def _line(e: dict) -> str:
+        gn = "-" if e.get("grad_norm") is None else f"{e['grad_norm']:.3f}"
+        return (f"step {e['step']}/{e['total_steps']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  grad {gn}  "
+                f"{e['tokens_per_s']:.0f} tok/s  {e['samples_per_s']:.2f} samples/s  mem {e['memory_gb']:.2f} GB  "
+                f"eta {e['eta_s']:.0f} s")
+
+    def _panel(self):
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.progress_bar import ProgressBar
+        from rich.text import Text
+
+        e = self.last
+        total = self.start.get("total_steps", 1)
+        step = e.get("step", self.start.get("start_step", 0))
+        spark = _sparkline(self.losses[-60:])
+        body = [ProgressBar(total=total, completed=step, width=60),
+                Text(self._line(e) if e else "starting..."), Text(f"loss {spark}", style="cyan")]
+        body += [Text.from_markup(line) for line in self.lines]
+        return Panel(Group(*body), title=f"medvl train  {step}/{total}", border_style="blue")
+
+    def _print_table(self, rows: list[dict]) -> None:
+        from rich.table import Table
+
+        table = Table(title="what trains", title_justify="left")
+        for col in ("group", "params", "trainable", "mode", "lr"):
+            table.add_column(col, justify="right" if col in ("params", "trainable", "lr") else "left")
+        for r in rows:
+            table.add_row(r["group"], f"{r['params']:,}", f"{r['trainable']:,}", r["mode"],
+                          "-" if r["lr"] is None else f"{r['lr']:.2e}")
+        self.console.print(table)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.update(self._panel())
+            self.live.stop()
+            self.live = None
+
+
+def _sparkline(values: list[float]) -> str:
+    if not values:
+        return ""
+    bars = "▁▂▃▄▅▆▇█"
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(bars[int((v - lo) / span * (len(bars) - 1))] for v in values) + f"  {values[-1]:.4f}"
+
+
+def render_dry_run(plan) -> None:
+    from rich.syntax import Syntax
+    from rich.table import Table
+
+    console.print(Syntax(plan.resolved_yaml, "yaml", theme="ansi_dark", background_color="default"))
+    TrainConsole(console)._print_table(plan.table)
+    if plan.launch:
+        from medvl.engine.launch import format_command
+
+        console.print(f"[bold]launch[/] {format_command(plan.launch)}")
+    else:
+        console.print("[bold]launch[/] in this process (one process)")
+    mem = Table(title="memory per GPU (estimate)", title_justify="left")
+    mem.add_column("part")
+    mem.add_column("GiB", justify="right")
+    for k, v in plan.memory.items():
+        mem.add_row(k, f"{v:.2f}")
+    console.print(mem)

@@ -89,8 +89,23 @@ def model_class(family: Family):
     return getattr(T, family.model_class)
 
 
+def apply_resolution(processor, family: Family, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Set the per-image pixel range on a Qwen-VL image processor (the only families with a variable number of
+    visual tokens per image); the same range then holds in training, eval and chat."""
+    if not family.mrope or (min_pixels is None and max_pixels is None):
+        return
+    ip = processor.image_processor
+    size = dict(ip.size)
+    if min_pixels is not None:
+        size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        size["longest_edge"] = max_pixels
+    ip.size = size
+
+
 def load_model(path: str | Path, family: Family | str | None = None, *, dtype: str = "fp32",
-               attn_implementation: str | None = None, trust_remote_code: bool = False, device_map=None):
+               attn_implementation: str | None = None, trust_remote_code: bool = False, device_map=None,
+               quantize_4bit: bool = False):
     """The model of a checkpoint, as its family's class. `trust_remote_code` stays off unless asked for."""
     import torch
 
@@ -104,6 +119,12 @@ def load_model(path: str | Path, family: Family | str | None = None, *, dtype: s
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if quantize_4bit:  # QLoRA: NF4 base weights, compute in the chosen dtype
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"])
     try:
         return model_class(family).from_pretrained(path, **kwargs)
     except ImportError as exc:

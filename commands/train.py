@@ -1,0 +1,45 @@
+"""`medvl train RECIPE [k=v ...]`: run a recipe; launches itself as several processes when the recipe asks."""
+
+from __future__ import annotations
+
+import typer
+
+from medvl.commands.options import OverridesArg, RecipeArg
+from medvl.commands.ui import console
+
+EXAMPLES = """[bold]Examples[/]
+  medvl train tiny_cpu                                   [dim]# the shipped CPU demo recipe[/]
+  medvl train recipes/my_sft.yaml optim.lr=1e-5 train.max_steps=100
+  medvl train huatuo_sft_qwen25vl_7b --dry-run           [dim]# table, launch line, memory estimate[/]
+  medvl train my.yaml --resume auto                      [dim]# continue from the newest checkpoint[/]"""
+
+
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe, launch command, "
+                                 "trainability table and a memory estimate; train nothing."),
+    resume: str = typer.Option(None, "--resume", help="'auto' (newest checkpoint of this run) or a checkpoint path."),
+) -> None:
+    """Train a model: alignment or instruction tuning, full or LoRA, on CPU, one GPU or many."""
+    from medvl.config import load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    if dry_run:
+        from medvl.commands.ui import render_dry_run
+        from medvl.engine.dryrun import plan_run
+
+        render_dry_run(plan_run(r))
+        return
+    from medvl.engine.launch import needs_launch, run_launched
+
+    if needs_launch(r):
+        console.print(f"[dim]launching {r.world_size} processes ({r.distributed.strategy})[/]")
+        code = run_launched(r, resume)
+        if code:
+            raise typer.Exit(code)
+        return
+    from medvl.commands.ui import TrainConsole
+    from medvl.engine.train import train as run
+
+    run(r, resume=resume, sinks=[TrainConsole()])

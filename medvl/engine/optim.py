@@ -1,0 +1,42 @@
+"""Learning-rate schedule: linear warmup, then cosine (or linear, or constant) down to a floor.
+
+HuatuoGPT-Vision: 5 % warmup, cosine to 0.15x the peak. The multiplier is a pure function of the step, so a
+resumed run lands on exactly the same learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_multiplier(step: int, *, total: int, warmup: int, kind: str = "cosine", floor: float = 0.0) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_steps(total: int, *, ratio: float | None, steps: int | None) -> int:
+    if steps is not None:
+        return min(steps, total)
+    return int(math.ceil(total * (ratio or 0.0)))
+
+
+def build_optimizer(groups: list[dict], *, betas=(0.9, 0.999), eps: float = 1e-8):
+    import torch
+
+    fused = {}
+    if groups and groups[0]["params"][0].is_cuda:
+        fused = {"fused": True}  # one kernel for all AdamW updates on CUDA
+    return torch.optim.AdamW(groups, betas=tuple(betas), eps=eps, **fused)
+
+
+def build_scheduler(optimizer, *, total: int, warmup: int, kind: str, floor: float):
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, total=total, warmup=warmup, kind=kind, floor=floor))
