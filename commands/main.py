@@ -41,13 +41,18 @@ def _root(
 # The explicit list of commands. A command is registered only once it works; tests/test_cli.py keeps this
 # list, the help output and the completion scripts in step.
 from medvl.commands import doctor as _doctor  # noqa: E402
+from medvl.commands import recipes as _recipes  # noqa: E402
 from medvl.commands import tiny as _tiny  # noqa: E402
+from medvl.commands import train as _train  # noqa: E402
 
 COMMANDS = {
     "doctor": _doctor.doctor,
+    "train": _train.train,
     "tiny": _tiny.tiny,
 }
-GROUPS = {}
+GROUPS = {
+    "recipes": _recipes.app,
+}
 
 for _name, _fn in COMMANDS.items():
     app.command(_name, epilog=getattr(sys.modules[_fn.__module__], "EXAMPLES", None))(_fn)

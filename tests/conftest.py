@@ -43,3 +43,45 @@ def tiny_dir(tmp_path_factory):
         return built[family]
 
     return get
+
+
+def write_prepared(out, n: int = 64, *, text_only_every: int = 0, split: str = "train", offset: int = 0):
+    """A prepared-data directory (the prepare-data output shape) of easy-vqa questions with their images."""
+    import json
+    from pathlib import Path
+
+    import easy_vqa
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    questions, answers, image_ids = (easy_vqa.get_train_questions() if split == "train"
+                                     else easy_vqa.get_test_questions())
+    paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+    with open(out / "data-00000.jsonl", "w") as f:
+        for i in range(offset, offset + n):
+            if text_only_every and i % text_only_every == 0:
+                rec = {"id": f"t{i}", "source": "test", "images": [], "meta": {},
+                       "messages": [{"role": "user", "content": f"is {answers[i]} a colour or a shape?"},
+                                    {"role": "assistant", "content": "a word", "train": True}]}
+            else:
+                rec = {"id": f"e{i}", "source": "easy-vqa", "images": [paths[image_ids[i]]], "meta": {},
+                       "messages": [{"role": "user", "content": "<image>" + questions[i]},
+                                    {"role": "assistant", "content": answers[i], "train": True}]}
+            f.write(json.dumps(rec) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_vqa(tmp_path_factory):
+    return write_prepared(tmp_path_factory.mktemp("prepared") / "vqa", 96, text_only_every=6)
+
+
+@pytest.fixture(scope="session")
+def prepared_text(tmp_path_factory):
+    return write_prepared(tmp_path_factory.mktemp("prepared") / "text", 64, text_only_every=1)
+
+
+@pytest.fixture
+def data_for(prepared_vqa, prepared_text):
+    """data_for(family): a prepared set the family can train on (text-only models get text-only data)."""
+    return lambda family: prepared_text if family == "causal-lm" else prepared_vqa

@@ -67,9 +67,10 @@ def trainability(model, family: Family, plan: Plan) -> list[Row]:
     rows = {g: Row(g, 0, 0, plan.modes.get(g, "frozen"), None) for g in GROUPS}
     for name, p in model.named_parameters():
         row = rows[group_of(name, family)]
-        row.params += p.numel()
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions weights at load: numel() is 0 there
+        row.params += n
         if p.requires_grad:
-            row.trainable += p.numel()
+            row.trainable += n
     for row in rows.values():
         row.lr = plan.lrs.get(row.group) if row.trainable else None
     return [r for r in rows.values() if r.params]

@@ -53,7 +53,10 @@ def build_accelerator(recipe):
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
     if recipe.train.precision == recipe.model.dtype and recipe.model.dtype != "fp32":
         precision = "no"  # weights already in 16 bit: no autocast on top (HuatuoGPT: bf16 weights, bf16 compute)
-    kwargs = dict(cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=recipe.train.grad_accum)
+    deepspeed = recipe.distributed.strategy.startswith("deepspeed") and recipe.world_size > 1
+    # accelerate turns DeepSpeed off when cpu=True; on a CPU-only box the gloo backend below is what makes it work.
+    kwargs = dict(cpu=cpu and not deepspeed, mixed_precision=precision,
+                  gradient_accumulation_steps=recipe.train.grad_accum)
     handlers = []
     if cpu and recipe.world_size > 1:
         # On CPU the process group must be gloo; without saying so accelerate resolves no backend and silently
@@ -62,7 +65,7 @@ def build_accelerator(recipe):
     if cpu:
         _skip_deepspeed_cpu_jit()
     strategy = recipe.distributed.strategy
-    if strategy.startswith("deepspeed") and recipe.world_size > 1:
+    if deepspeed:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe))
     elif strategy == "fsdp" and recipe.world_size > 1:
         from accelerate.utils import FullyShardedDataParallelPlugin
@@ -88,15 +91,11 @@ def _skip_deepspeed_cpu_jit() -> None:
 
 
 def deepspeed_config(recipe) -> dict:
-    from importlib import resources
-
-    if recipe.distributed.deepspeed_config:
-        path = Path(recipe.distributed.deepspeed_config)
-        text = path.read_text() if path.is_file() else resources.files("medvl.recipes").joinpath(
-            "deepspeed", recipe.distributed.deepspeed_config).read_text()
-    else:
-        stage = recipe.distributed.strategy.rsplit("zero", 1)[1]
-        text = resources.files("medvl.recipes").joinpath("deepspeed", f"zero{stage}.json").read_text()
+    path = recipe.distributed.deepspeed_config_path()
+    if not path.is_file():
+        raise MedvlError(f"DeepSpeed config {path} does not exist", where="distributed.deepspeed_config",
+                         fix="give a JSON file path, or a shipped name: zero2.json, zero3.json")
+    text = path.read_text()
     cfg = json.loads(text)
     # The loop clips (and reports the norm) itself only outside DeepSpeed; inside, DeepSpeed must clip.
     cfg["gradient_clipping"] = recipe.optim.max_grad_norm or 0.0
@@ -169,7 +168,6 @@ def _gradient_checkpointing(model, family: Family, language: bool, vision: bool)
 
 def build_data(recipe, family, processor, accelerator):
     from medvl.data.dataset import EncodedDataset, Plan as BatchPlan, index_prepared
-    from medvl.data.images import load_image
 
     index = index_prepared([s.path for s in recipe.data.train])
     dataset = EncodedDataset(index, processor, family, loss_mask=recipe.data.loss_mask,
@@ -178,6 +176,7 @@ def build_data(recipe, family, processor, accelerator):
     if recipe.data.packing and any(n <= 0 for n in index.n_tokens):
         lengths = _measure_lengths(dataset)
     train_ids, val_ids = _split(len(index), recipe)
+    train_ids = _apply_weights(train_ids, index, recipe)
     pack = recipe.data.max_seq_len * recipe.train.micro_batch_size if recipe.data.packing else None
     plan = BatchPlan([lengths[i] for i in train_ids], recipe.train.seed, recipe.train.micro_batch_size, pack,
                      accelerator.num_processes, recipe.train.grad_accum)
@@ -195,6 +194,12 @@ def build_data(recipe, family, processor, accelerator):
     return dataset, train_ids, plan, val
 
 
+def load_image(path):
+    from medvl.data.images import load_image as load  # PIL + DICOM; imported only when a sample has images
+
+    return load(path)
+
+
 def _split(n: int, recipe) -> tuple[list[int], list[int]]:
     if not recipe.data.val_fraction:
         return list(range(n)), []
@@ -204,6 +209,28 @@ def _split(n: int, recipe) -> tuple[list[int], list[int]]:
     random.Random(recipe.train.seed).shuffle(ids)
     k = max(1, int(n * recipe.data.val_fraction))
     return sorted(ids[k:]), sorted(ids[:k])
+
+
+def _apply_weights(ids: list[int], index, recipe) -> list[int]:
+    """data.train[].weight repeats a source per epoch: 2.0 = twice, 0.5 = a seeded half (the same half every
+    epoch, so the mixture is fixed for the run)."""
+    import random
+
+    weights = {str(index.roots[k]): 1.0 for k in range(len(index.shards))}
+    for src in recipe.data.train:
+        weights[str(Path(src.path))] = src.weight
+    if all(w == 1.0 for w in weights.values()):
+        return ids
+    rng = random.Random(recipe.train.seed)
+    out = []
+    by_source: dict[str, list[int]] = {}
+    for i in ids:
+        by_source.setdefault(str(index.roots[index.shard_of[i]]), []).append(i)
+    for root, members in by_source.items():
+        w = weights.get(root, 1.0)
+        whole, frac = int(w), w - int(w)
+        out += members * whole + rng.sample(members, round(len(members) * frac))
+    return out
 
 
 def _measure_lengths(dataset) -> list[int]:

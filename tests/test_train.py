@@ -1,0 +1,153 @@
+"""The training engine on tiny models: learns, freezes what it says, resumes exactly, scales to processes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medvl.config import load_recipe
+from medvl.engine.metrics import ListSink
+from medvl.engine.train import train
+from medvl.errors import MedvlError
+
+from .conftest import FAMILIES
+
+
+def recipe(tiny, data, out, *extra):
+    return load_recipe("tiny_cpu", [f"model.base={tiny}", f"data.train=[{data}]", f"output.dir={out}",
+                                    "train.max_steps=12", "train.save_every=null", "train.eval_every=null",
+                                    "data.val_fraction=null", "train.log_every=1", "optim.warmup_steps=2",
+                                    "train.micro_batch_size=4", *extra])
+
+
+def weights(path):
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_learns(family, method, tiny_dir, data_for, tmp_path):
+    extra = ["method=lora", "lora.r=8", "lora.alpha=16", "optim.lr=5e-3"] if method == "lora" else []
+    res = train(recipe(tiny_dir(family), data_for(family), tmp_path / "run", *extra))
+    first, last = sum(res.losses[:3]) / 3, sum(res.losses[-3:]) / 3
+    assert last < first - 0.3, (first, last)
+    final = tmp_path / "run" / "final"
+    assert (final / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")).is_file()
+    assert (final / "chat_template.jinja").is_file() and (final / "medvl_run.json").is_file()
+    events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    train_events = [e for e in events if e["kind"] == "train"]
+    assert len(train_events) == 12 and all(e["tokens"] > 0 for e in train_events)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "memory_gb", "eta_s"} <= train_events[-1].keys()
+
+
+def test_frozen_groups_stay_bit_identical(tiny_dir, prepared_vqa, tmp_path):
+    tiny = tiny_dir("qwen2.5-vl")
+    res = train(recipe(tiny, prepared_vqa, tmp_path / "run", "freeze.vision_tower=true", "freeze.projector=true"))
+    before, after = weights(tiny), weights(tmp_path / "run" / "final")
+    vision = [k for k in before if k.startswith("model.visual.")]
+    language = [k for k in before if k.startswith("model.language_model.layers.")]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in language)
+    table = {r["group"]: r for r in res.table}
+    assert table["vision"]["trainable"] == 0 and table["projector"]["trainable"] == 0
+    assert table["language"]["trainable"] == table["language"]["params"]
+
+
+def test_freeze_language_model_freezes_its_head_too(tiny_dir, prepared_vqa, tmp_path):
+    tiny = tiny_dir("qwen2.5-vl")
+    train(recipe(tiny, prepared_vqa, tmp_path / "run", "freeze.language_model=true", "train.max_steps=3"))
+    before, after = weights(tiny), weights(tmp_path / "run" / "final")
+    assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # upstream left lm_head trainable
+    assert not torch.equal(before["model.visual.merger.mlp.0.weight"], after["model.visual.merger.mlp.0.weight"])
+
+
+def test_per_module_learning_rates_reach_the_optimizer(tiny_dir, prepared_vqa, tmp_path):
+    res = train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", "optim.vision_lr=1e-5",
+                       "optim.projector_lr=2e-4", "train.max_steps=2"))
+    lrs = {r["group"]: r["lr"] for r in res.table}
+    assert lrs == {"vision": 1e-5, "projector": 2e-4, "language": 1e-3, "head": 1e-3}
+
+
+def test_kill_and_resume_gives_identical_weights(tiny_dir, prepared_vqa, tmp_path):
+    tiny = tiny_dir("qwen2.5-vl")
+    common = ["train.max_steps=10", "train.save_every=4", "data.val_fraction=0.1", "train.eval_every=5"]
+    train(recipe(tiny, prepared_vqa, tmp_path / "a", *common))
+    train(recipe(tiny, prepared_vqa, tmp_path / "b", *common), stop_after_step=6)  # "killed" after step 6
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000004"]
+    res = train(recipe(tiny, prepared_vqa, tmp_path / "b", *common), resume="auto")
+    a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert res.steps == 10
+
+
+def test_run_dir_is_not_overwritten_by_accident(tiny_dir, prepared_text, tmp_path):
+    r = recipe(tiny_dir("causal-lm"), prepared_text, tmp_path / "run", "train.max_steps=1", "output.overwrite=false")
+    train(r)
+    with pytest.raises(MedvlError, match="already holds a run"):
+        train(r)
+
+
+def test_nan_loss_stops_with_a_diagnosis(tiny_dir, prepared_text, tmp_path, monkeypatch):
+    import medvl.engine.train as engine
+
+    real = engine.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, family, batch):
+        calls["n"] += 1
+        out = real(model, family, batch)
+        return out * float("nan") if calls["n"] >= 3 else out
+
+    monkeypatch.setattr(engine, "token_loss_sum", poisoned)
+    with pytest.raises(MedvlError, match="became nan at step 3") as err:
+        train(recipe(tiny_dir("causal-lm"), prepared_text, tmp_path / "run"))
+    assert "lower optim.lr" in str(err.value)
+
+
+def test_text_only_and_image_samples_mix_in_batches(tiny_dir, prepared_vqa, tmp_path):
+    sink = ListSink()
+    train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", "train.max_steps=4",
+                 "train.micro_batch_size=8"), sinks=[sink])
+    assert not [e for e in sink.events if e["kind"] == "warning"]
+
+
+def test_packing_trains(tiny_dir, prepared_vqa, tmp_path):
+    res = train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", "data.packing=true",
+                       "data.max_seq_len=128"))
+    assert res.losses[-1] < res.losses[0]
+
+
+def _launched(tiny, data, out, strategy):
+    from medvl.engine.launch import run_launched
+
+    r = recipe(tiny, data, out, "train.max_steps=6", "train.save_every=3", "distributed.nproc=2",
+               f"distributed.strategy={strategy}")
+    assert run_launched(r) == 0
+    events = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    start = next(e for e in events if e["kind"] == "start")
+    return start, [e["loss"] for e in events if e["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(tiny_dir, prepared_text, tmp_path_factory):
+    """One process, micro 4 x accum 2 = global batch 8: what 2 processes x micro 4 must reproduce."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    res = train(recipe(tiny_dir("causal-lm"), prepared_text, out, "train.max_steps=6", "train.grad_accum=2"))
+    return res.losses, weights(out / "final")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,kind,tol", [("ddp", "MULTI_CPU", 0.0), ("deepspeed-zero2", "DEEPSPEED", 1e-5),
+                                               ("deepspeed-zero3", "DEEPSPEED", 1e-5)])
+def test_two_processes_match_one(strategy, kind, tol, tiny_dir, prepared_text, tmp_path, single_process_reference):
+    ref_losses, ref_weights = single_process_reference
+    start, losses = _launched(tiny_dir("causal-lm"), prepared_text, tmp_path / "run", strategy)
+    # a launcher that silently ran one process, or DeepSpeed silently off, fails here
+    assert start["world_size"] == 2 and start["distributed"] == kind
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    got = weights(tmp_path / "run" / "final")  # ZeRO-3 shards gathered into one loadable model
+    assert max(float((got[k] - ref_weights[k]).abs().max()) for k in ref_weights) <= tol
+    from medvl.models import load_model
+
+    assert load_model(tmp_path / "run" / "final") is not None
