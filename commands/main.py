@@ -38,8 +38,8 @@ def _root(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The explicit list of commands. A command is registered only once it works; tests/test_cli.py keeps this
-# list, the help output and the completion scripts in step.
+# The explicit list of commands. A command is registered only once it works; test_cli_startup.py and
+# test_completions.py walk this list, so help, start-up hygiene and completion cover every command.
 from medvl.commands import doctor as _doctor  # noqa: E402
 from medvl.commands import recipes as _recipes  # noqa: E402
 from medvl.commands import tiny as _tiny  # noqa: E402

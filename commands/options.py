@@ -25,7 +25,7 @@ def shipped_recipe_names() -> list[str]:
 def complete_recipe(incomplete: str) -> list[str]:
     names = [n for n in shipped_recipe_names() if n.startswith(incomplete)]
     # Local YAML files complete too, so `medvl train my<TAB>` finds my_recipe.yaml.
-    base = Path(incomplete).parent if incomplete else Path(".")
+    base = Path(incomplete) if incomplete.endswith("/") else (Path(incomplete).parent if incomplete else Path("."))
     try:
         local = [str(p) if str(base) != "." else p.name for p in base.iterdir()
                  if p.suffix in (".yaml", ".yml") and str(p if str(base) != "." else p.name).startswith(incomplete)]
