@@ -118,54 +118,68 @@ def chat_template(family: Family) -> str:
 # Model configs: text hidden 64, 2 layers, 4 heads (head_dim 16), 2 KV heads; vision hidden 32, depth 2.
 # About 0.2-0.4 M parameters: forward + backward on CPU in tens of milliseconds.
 
-def _text_config(tok, **extra) -> dict:
+SIZES = {
+    # tests: ~0.2-0.4 M parameters, forward+backward in ~10 ms
+    "tiny": dict(hidden=64, layers=2, vision_hidden=32, vision_depth=2),
+    # the demo: ~2 M parameters, enough capacity to learn easy-vqa's shapes and colours in minutes on CPU
+    "small": dict(hidden=192, layers=4, vision_hidden=96, vision_depth=4),
+}
+
+
+def _text_config(tok, size: dict, **extra) -> dict:
     # Token ids set here: the stock configs default to Qwen's real ids (151643...), outside this vocabulary.
     cfg = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None,
-               eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
+               eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), hidden_size=size["hidden"],
+               intermediate_size=2 * size["hidden"], num_hidden_layers=size["layers"],
+               # head_dim 16 at every size, so the mRoPE split [4, 2, 2] (= head_dim / 2) always fits
+               num_attention_heads=size["hidden"] // 16, num_key_value_heads=size["hidden"] // 32, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
     cfg.update(extra)
     return cfg
 
 
-def _model_config(family: Family, tok):
+def _model_config(family: Family, tok, size: dict):
     import transformers as T
 
     ids = lambda t: tok.convert_tokens_to_ids(t)  # noqa: E731
     if family.name in ("qwen2-vl", "qwen2.5-vl"):
         # mrope_section halves of head_dim 16 -> 8 = temporal 4 + height 2 + width 2.
         rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2]}
-        vision = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        vh, depth = size["vision_hidden"], size["vision_depth"]
+        vision = dict(depth=depth, num_heads=vh // 16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
         if family.name == "qwen2-vl":
-            vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+            vision.update(embed_dim=vh, hidden_size=size["hidden"], mlp_ratio=2)
             cls = T.Qwen2VLConfig
         else:
-            vision.update(hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=56,
-                          fullatt_block_indexes=[1])
+            vision.update(hidden_size=vh, out_hidden_size=size["hidden"], intermediate_size=2 * vh, window_size=56,
+                          fullatt_block_indexes=[depth - 1])
             cls = T.Qwen2_5_VLConfig
-        return cls(text_config=_text_config(tok, rope_parameters=rope), vision_config=vision,
+        return cls(text_config=_text_config(tok, size, rope_parameters=rope), vision_config=vision,
                    image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                    vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
                    tie_word_embeddings=False)
     if family.name == "qwen3-vl":
         rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2], "mrope_interleaved": True}
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
-                      temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+        vh = size["vision_hidden"]
+        vision = dict(depth=size["vision_depth"], hidden_size=vh, intermediate_size=2 * vh, num_heads=vh // 16,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=size["hidden"],
+                      num_position_embeddings=64,
                       deepstack_visual_indexes=[0])
-        return T.Qwen3VLConfig(text_config=_text_config(tok, rope_parameters=rope, head_dim=16), vision_config=vision,
+        return T.Qwen3VLConfig(text_config=_text_config(tok, size, rope_parameters=rope, head_dim=16), vision_config=vision,
                                image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
                                tie_word_embeddings=False)
-    text = dict(_text_config(tok), model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    vh, depth = size["vision_hidden"], size["vision_depth"]
+    text = dict(_text_config(tok, size), model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     if family.name == "llava":
         # CLIP 56x56 with patch 14: 16 patches (+1 CLS, dropped by the "default" feature strategy) -> 16 tokens.
-        vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
+        vision = dict(model_type="clip_vision_model", hidden_size=vh, intermediate_size=2 * vh, num_hidden_layers=depth,
+                      num_attention_heads=vh // 16, image_size=56, patch_size=14, projection_dim=vh)
         return T.LlavaConfig(text_config=text, vision_config=vision, image_token_id=ids("<image>"),
                              vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=16,
                              tie_word_embeddings=False)
     if family.name == "internvl":
         # 56x56 tiles, patch 14 -> 16 patches, pixel-shuffle 0.5 -> 4 tokens per tile.
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vision = dict(hidden_size=vh, intermediate_size=2 * vh, num_hidden_layers=depth, num_attention_heads=vh // 16,
                       image_size=[56, 56], patch_size=[14, 14], use_mask_token=False)
         return T.InternVLConfig(text_config=text, vision_config=vision, image_token_id=ids("<IMG_CONTEXT>"),
                                 image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1,
@@ -201,7 +215,8 @@ def _processor(family: Family, tok):
     return cls(image_processor=image_processor, tokenizer=tok, chat_template=chat_template(family), **kwargs)
 
 
-def build_tiny(family: str | Family, out_dir: str | Path | None = None, *, seed: int = 0, overwrite: bool = False):
+def build_tiny(family: str | Family, out_dir: str | Path | None = None, *, seed: int = 0, overwrite: bool = False,
+               size: str = "tiny"):
     """Build (model, processor) for a family; if out_dir is given, save both there with save_pretrained
     (atomically: an interrupted build leaves no half-written directory).
 
@@ -212,8 +227,12 @@ def build_tiny(family: str | Family, out_dir: str | Path | None = None, *, seed:
     import transformers as T
 
     family = get_family(family) if isinstance(family, str) else family
+    if size not in SIZES:
+        from medvl.errors import MedvlError
+
+        raise MedvlError(f"unknown tiny model size '{size}'", fix=f"choose one of: {', '.join(SIZES)}")
     tok = build_tokenizer(family)
-    config = _model_config(family, tok)
+    config = _model_config(family, tok, SIZES[size])
     eos = tok.convert_tokens_to_ids(family.end_of_turn)
     for cfg in (config, getattr(config, "text_config", None)):
         if cfg is not None:
