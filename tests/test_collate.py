@@ -123,3 +123,19 @@ def test_padding_waste():
     lengths = [10, 30, 10, 30]
     assert padding_waste(lengths, 2) == pytest.approx(1 - 80 / 120)
     assert padding_waste(lengths, 1, pack_budget=40) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_measured_length_equals_encoded_length(family, tiny_dir):
+    """prepare-data's pixel-free length is exactly the length the trainer will see."""
+    from medvl.data.collate import measure
+
+    fam = get_family(family)
+    proc = load_processor(tiny_dir(family))
+    pairs = [(TEXT, [])] + ([(ONE, _images(1)), (TWO, _images(2))] if fam.is_vision else [])
+    for rec, imgs in pairs:
+        kept, n, visual = measure(rec, [im.size for im in imgs], proc, fam)
+        assert n == len(encode_record(rec, imgs, proc, fam)), rec["id"]
+    kept, n, _ = measure(TEXT, [], proc, fam, max_seq_len=n - 1 if not fam.is_vision else 10_000)
+    if not fam.is_vision:
+        assert len(kept) == 2  # trailing exchange dropped, as the trainer would

@@ -270,3 +270,44 @@ def padding_waste(lengths: list[int], micro_batch: int, pack_budget: int | None 
     # longest row of a micro-batch of `micro_batch` rows.
     slots = sum(max(rows[i:i + micro_batch]) * len(rows[i:i + micro_batch]) for i in range(0, len(rows), micro_batch))
     return 1 - sum(rows) / slots
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exact lengths without pixels (prepare-data)
+
+def visual_token_counts(processor, family: Family, image_sizes: list[tuple[int, int]]) -> list[int]:
+    """Tokens each image becomes, from its (width, height) alone, by the processor's own resize and tiling
+    math (the resolution policy set on it included): exact, and no pixel is decoded or processed."""
+    if not image_sizes:
+        return []
+    data = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in image_sizes])
+    return [int(n) for n in data.num_image_tokens]
+
+
+def measure(record: dict, image_sizes: list[tuple[int, int]], processor, family: Family, *,
+            loss_mask: str = "all", max_seq_len: int | None = None):
+    """(kept messages, n_tokens, visual tokens per kept image) for a record, or a Rejected.
+
+    The same rule as encode_record: drop whole trailing turns (and their images) until it fits."""
+    tok = _tokenizer(processor)
+    messages = record["messages"]
+    visual = visual_token_counts(processor, family, image_sizes) if family.is_vision else []
+    last_len = None
+    try:
+        for cut in _cut_points(messages):
+            kept = messages[:cut]
+            if not trained_turns(kept, loss_mask):
+                break
+            text = processor.apply_chat_template(to_template_messages(kept, family.is_vision), tokenize=False)
+            n_img = sum(m["content"].count(PLACEHOLDER) for m in kept)
+            n = len(tok(text, add_special_tokens=False)["input_ids"]) - n_img + sum(visual[:n_img])
+            if max_seq_len is None or n <= max_seq_len:
+                return kept, n, visual[:n_img]
+            last_len = n
+    except ValueError as exc:
+        return Rejected(str(record.get("id", "")), "template", str(exc))
+    if last_len is None:
+        return Rejected(str(record.get("id", "")), "no_supervised_tokens", "no trainable assistant turn")
+    return Rejected(str(record.get("id", "")), "too_long",
+                    f"even the first exchange is {last_len} tokens, over max_seq_len={max_seq_len}; raise "
+                    "--max-seq-len or lower the image resolution (--max-pixels)")
