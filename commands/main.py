@@ -40,13 +40,22 @@ def _root(
 # ---------------------------------------------------------------------------------------------------------
 # The explicit list of commands. A command is registered only once it works; test_cli_startup.py and
 # test_completions.py walk this list, so help, start-up hygiene and completion cover every command.
+from medvl.commands import convert as _convert  # noqa: E402
 from medvl.commands import doctor as _doctor  # noqa: E402
+from medvl.commands import prepare_data as _prepare  # noqa: E402
+from medvl.commands import export as _export  # noqa: E402
+from medvl.commands import evaluate as _evaluate  # noqa: E402
 from medvl.commands import recipes as _recipes  # noqa: E402
 from medvl.commands import tiny as _tiny  # noqa: E402
 from medvl.commands import train as _train  # noqa: E402
 
 COMMANDS = {
+    "convert": _convert.convert,
+    "export": _export.export,
     "doctor": _doctor.doctor,
+    "prepare-data": _prepare.prepare_data,
+    "inspect-data": _prepare.inspect_data,
+    "eval": _evaluate.evaluate,
     "train": _train.train,
     "tiny": _tiny.tiny,
 }
@@ -55,7 +64,9 @@ GROUPS = {
 }
 
 for _name, _fn in COMMANDS.items():
-    app.command(_name, epilog=getattr(sys.modules[_fn.__module__], "EXAMPLES", None))(_fn)
+    # Examples shown under each command's help: the function's own, else its module's EXAMPLES.
+    _examples = getattr(_fn, "examples", None) or getattr(sys.modules[_fn.__module__], "EXAMPLES", None)
+    app.command(_name, epilog=_examples)(_fn)
 for _name, _group in GROUPS.items():
     app.add_typer(_group, name=_name)
 

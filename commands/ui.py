@@ -191,3 +191,58 @@ def render_dry_run(plan) -> None:
     for k, v in plan.memory.items():
         mem.add_row(k, f"{v:.2f}")
     console.print(mem)
+
+
+def render_prepare(result) -> None:
+    from rich.table import Table
+
+    from medvl.data.schema import REJECTION_REASONS
+
+    m = result.manifest
+    console.print(f"[bold]{m['accepted']:,}[/] of {m['inputs']:,} samples kept -> {result.out_dir}  "
+                  f"({m['images']:,} images, {m['repaired']:,} repaired, {m['shards']} shard(s)"
+                  + (f", {result.skipped_shards} already done" if result.skipped_shards else "") + ")")
+    if m["rejected"]:
+        t = Table(title=f"quarantined: {m['rejected_total']:,} (details: {result.out_dir}/quarantine.jsonl)",
+                  title_justify="left")
+        t.add_column("reason")
+        t.add_column("n", justify="right")
+        t.add_column("meaning")
+        for code, n in m["rejected"].items():
+            t.add_row(code, f"{n:,}", REJECTION_REASONS.get(code, ""))
+        console.print(t)
+        for r in result.rejections[:5]:
+            console.print(f"  [dim]{r['location']}[/] {r['code']}: {r['message']}")
+    src = Table(title="sources", title_justify="left")
+    for col in ("source", "kept", "quarantined"):
+        src.add_column(col, justify="left" if col == "source" else "right")
+    for name, c in m["sources"].items():
+        src.add_row(name, f"{c['accepted']:,}", f"{c['rejected']:,}")
+    console.print(src)
+    tl = m["token_lengths"]
+    if tl["max"] is not None:
+        hist = "  ".join(f"{k}: {v}" for k, v in tl["histogram"].items())
+        console.print(f"tokens per sample: mean {tl['mean']}, max {tl['max']}   [dim]{hist}[/]")
+        vt = m["visual_tokens_per_image"]
+        if vt["max"] is not None:
+            console.print(f"visual tokens per image: max {vt['max']}   "
+                          f"[dim]{'  '.join(f'{k}: {v}' for k, v in vt['histogram'].items())}[/]")
+
+
+def render_inspection(ins) -> None:
+    from rich.text import Text
+
+    console.print(f"[bold]{ins.sample_id}[/]  [dim]{ins.location}[/]")
+    if ins.rejected:
+        console.print(f"[red]would be skipped in training:[/] {ins.rejected}")
+        return
+    text = Text()
+    styles = {"context": "dim", "trained": "bold green", "image": "magenta"}
+    for chunk, kind in ins.spans:
+        text.append(chunk, style=styles[kind])
+    console.print(text)
+    console.print(f"\n{ins.n_tokens} tokens, [bold green]{ins.n_trained} trained[/], "
+                  f"[magenta]{len(ins.image_tokens)} image(s): {', '.join(map(str, ins.image_tokens)) or '-'} "
+                  "visual tokens[/]  (legend: [dim]context[/] [bold green]trained[/] [magenta]▒ image[/])")
+    for r in ins.repairs:
+        console.print(f"[yellow]repaired:[/] {r}")

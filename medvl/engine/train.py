@@ -28,6 +28,7 @@ from medvl.engine.optim import build_optimizer, build_scheduler
 from medvl.engine.params import Plan, apply_plan, param_groups, rows_as_dicts, trainability
 from medvl.errors import MedvlError
 from medvl.families import Family, detect_family, get_family
+from medvl.versions import library_versions
 
 
 @dataclass
@@ -588,20 +589,6 @@ def eval_loss(model, family, val, processor, accelerator, recipe) -> float:
     model.train()
     total = accelerator.reduce(total, "sum")
     return float(total[0] / total[1].clamp(min=1))
-
-
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import medvl
-
-    out = {"medvl": medvl.__version__}
-    for pkg in ("torch", "transformers", "accelerate", "peft", "deepspeed", "tokenizers"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def save_final(accelerator, model, processor, recipe, out: Path, table) -> None:
