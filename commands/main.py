@@ -41,6 +41,7 @@ def _root(
 # The explicit list of commands. A command is registered only once it works; test_cli_startup.py and
 # test_completions.py walk this list, so help, start-up hygiene and completion cover every command.
 from medvl.commands import convert as _convert  # noqa: E402
+from medvl.commands import demo as _demo  # noqa: E402
 from medvl.commands import doctor as _doctor  # noqa: E402
 from medvl.commands import prepare_data as _prepare  # noqa: E402
 from medvl.commands import export as _export  # noqa: E402
@@ -52,6 +53,7 @@ from medvl.commands import train as _train  # noqa: E402
 COMMANDS = {
     "convert": _convert.convert,
     "export": _export.export,
+    "demo": _demo.demo,
     "doctor": _doctor.doctor,
     "prepare-data": _prepare.prepare_data,
     "inspect-data": _prepare.inspect_data,

@@ -246,3 +246,23 @@ def render_inspection(ins) -> None:
                   "visual tokens[/]  (legend: [dim]context[/] [bold green]trained[/] [magenta]▒ image[/])")
     for r in ins.repairs:
         console.print(f"[yellow]repaired:[/] {r}")
+
+
+def render_demo(result) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"held-out accuracy after {result.steps} steps ({result.train_seconds} s of training)",
+              title_justify="left")
+    for col in ("data", "n", "medvl tiny model", f"majority answer ('{result.majority_answer}')"):
+        t.add_column(col, justify="left" if col == "data" else "right")
+    for name, (acc, n) in result.accuracy.items():
+        base = result.baseline.get(name)
+        style = "bold" if name == "overall" else ""
+        t.add_row(name, str(n), f"[{style or 'default'}]{acc:.1%}[/]", "-" if base is None else f"{base:.1%}",
+                  style=style)
+    console.print(t)
+    acc, base = result.accuracy["overall"][0], result.baseline["overall"]
+    verdict = "[green]learned[/]" if acc > base + 0.15 else "[yellow]did not clearly beat the baseline[/]"
+    console.print(f"{verdict}: {acc:.1%} vs {base:.1%} for the majority answer; training loss "
+                  f"{result.loss_first:.2f} -> {result.loss_last:.2f}.  Files: {result.out_dir}/ "
+                  "(raw, data, run/final, eval/predictions.jsonl)")
