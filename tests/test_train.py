@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from medvl.config import load_recipe
 from medvl.engine.metrics import ListSink
@@ -22,7 +21,10 @@ def recipe(tiny, data, out, *extra):
 
 
 def weights(path):
-    return load_file(path / "model.safetensors")
+    """Parameters as the loaded model names them (transformers 5 saves Qwen-VL under the pre-4.52 key names)."""
+    from medvl.models import load_model
+
+    return {k: v.detach().clone() for k, v in load_model(path).state_dict().items()}
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
