@@ -184,11 +184,17 @@ def get_family(name: str) -> Family:
 
 
 def detect_layout(param_names, family: Family) -> Layout:
-    """Which of the family's two layouts a set of parameter names uses (a checkpoint on disk may be either)."""
-    names = list(param_names)
+    """Which of the family's two layouts a set of parameter names uses (a checkpoint on disk may be either;
+    transformers 5 even writes Qwen2/2.5-VL, LLaVA and InternVL back in the old names when it saves).
+
+    Names are counted against every group prefix of each layout; a name that matches a current prefix never
+    counts as legacy (the legacy language prefix `model.` also matches the current `model.visual.`)."""
     if family.legacy_layout is None:
         return family.layout
-    current = sum(1 for n in names if n.startswith(family.layout.language))
-    legacy = sum(1 for n in names if n.startswith(family.legacy_layout.language)
-                 and not n.startswith(family.layout.language))
-    return family.layout if current >= legacy else family.legacy_layout
+    cur, old = family.layout, family.legacy_layout
+    current_prefixes = cur.vision + cur.projector + cur.language
+    legacy_prefixes = old.vision + old.projector + old.language
+    names = list(param_names)
+    current = sum(1 for n in names if n.startswith(current_prefixes))
+    legacy = sum(1 for n in names if n.startswith(legacy_prefixes) and not n.startswith(current_prefixes))
+    return cur if current >= legacy else old

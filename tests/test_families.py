@@ -91,3 +91,28 @@ def test_legacy_layout_detection():
                  "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "multi_modal_projector.linear_1.weight"]
     lay = detect_layout(llava_old, get_family("llava"))
     assert [lay.group_of(n) for n in llava_old] == ["language", "head", "vision", "projector"]
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "llava", "internvl"])
+def test_layout_of_a_real_model_in_both_namings(family):
+    """The in-memory names (current layout) and the names transformers 5 writes on save (the old ones for these
+    families) are both recognised, although vision tensors outnumber language ones."""
+
+    from medvl.tiny import build_tiny
+
+    fam = get_family(family)
+    model, _ = build_tiny(family)
+    names = [n for n, _ in model.named_parameters()]
+    assert detect_layout(names, fam) is fam.layout
+    import tempfile
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        with safe_open(str(Path(d) / "model.safetensors"), "pt") as f:
+            saved = list(f.keys())
+    assert detect_layout(saved, fam) in (fam.layout, fam.legacy_layout)
+    layout = detect_layout(saved, fam)
+    assert all(layout.group_of(n) != "other" for n in saved), [n for n in saved if layout.group_of(n) == "other"][:3]

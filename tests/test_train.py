@@ -40,7 +40,8 @@ def test_every_family_learns(family, method, tiny_dir, data_for, tmp_path):
     events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     train_events = [e for e in events if e["kind"] == "train"]
     assert len(train_events) == 12 and all(e["tokens"] > 0 for e in train_events)
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "memory_gb", "eta_s"} <= train_events[-1].keys()
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "input_tokens_per_s", "memory_gb",
+            "eta_s"} <= train_events[-1].keys()
 
 
 def test_frozen_groups_stay_bit_identical(tiny_dir, prepared_vqa, tmp_path):

@@ -404,15 +404,17 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     result = RunResult(run_dir, run_dir / "final", start, table=table)
     guard = _Guard(sink)
     micro_iter = iter(loader)
-    t_start, tokens_seen, samples_seen = time.perf_counter(), 0, 0
+    t_start, tokens_seen, samples_seen, inputs_seen = time.perf_counter(), 0, 0, 0
     model.train()
     for step in range(start, total_steps):
         # ---- gather the window, count its supervised tokens on all ranks
         window = [next(micro_iter) for _ in range(recipe.train.grad_accum)]
         rejected = [r for _, rej in window for r in rej]
-        local_tokens = sum(supervised_tokens(b) for b, _ in window)
-        counts = accelerator.reduce(torch.tensor([local_tokens, len(rejected)], device=accelerator.device), "sum")
-        window_tokens, n_rejected = int(counts[0]), int(counts[1])
+        local = [sum(supervised_tokens(b) for b, _ in window), len(rejected),
+                 sum(len(b["seq_lens"]) for b, _ in window if b is not None),  # samples (a packed row holds many)
+                 sum(int(b["seq_lens"].sum()) for b, _ in window if b is not None)]  # input tokens, no padding
+        counts = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")
+        window_tokens, n_rejected, window_samples, window_inputs = (int(c) for c in counts)
         loss_sum = torch.zeros((), device=accelerator.device)
         for m, (batch, _) in enumerate(window):
             with accelerator.accumulate(model):
@@ -438,7 +440,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         # ---- bookkeeping (rank 0 logs; every rank checks the guardrails so all stop together)
         mean_loss = float(accelerator.reduce(loss_sum, "sum")) / max(window_tokens, 1)
         tokens_seen += window_tokens
-        samples_seen += recipe.global_batch
+        samples_seen += window_samples
+        inputs_seen += window_inputs
         result.losses.append(mean_loss)
         guard.check(step + 1, mean_loss, grad_norm, window_tokens, n_rejected, rejected)
         if (step + 1) % recipe.train.log_every == 0 or step + 1 == total_steps or step == start:
@@ -448,6 +451,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                       "epoch": round((step + 1) / batch_plan.steps_per_epoch, 3), "loss": round(mean_loss, 6),
                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": window_tokens,
                       "tokens_per_s": round(tokens_seen / elapsed, 1), "samples_per_s": round(samples_seen / elapsed, 3),
+                      "input_tokens_per_s": round(inputs_seen / elapsed, 1),
                       "memory_gb": _memory_gb(accelerator), "eta_s": round(elapsed / done * (total_steps - step - 1), 1),
                       "rejected": n_rejected})
         if val is not None and recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
