@@ -108,7 +108,7 @@ class TrainConsole:
                 self.console.print(self._line(event))
         elif kind == "eval":
             self._note(f"step {event['step']}: " + ", ".join(f"{k} {v}" for k, v in event.items()
-                                                             if k not in ("kind", "step", "time")))
+                                                             if k not in ("kind", "step", "time", "benchmark")))
         elif kind == "warning":
             self._note(f"[yellow]warning[/] step {event['step']}: {event['message']}  ({event.get('hint', '')})")
         elif kind == "checkpoint":

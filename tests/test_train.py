@@ -154,3 +154,31 @@ def test_two_processes_match_one(strategy, kind, tol, tiny_dir, prepared_text, t
     from medvl.models import load_model
 
     assert load_model(tmp_path / "run" / "final") is not None
+
+
+def test_benchmark_accuracy_is_logged_during_training(tiny_dir, prepared_vqa, tmp_path):
+    import easy_vqa
+
+    from medvl.engine.metrics import read_metrics
+
+    q, a, ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    bundle = [{"question": q[i], "options": ["yes", "no"], "answer": a[i], "image": [paths[ids[i]]],
+               "dataset": "VQA-RAD_test", "subset": ""} for i in range(40) if a[i] in ("yes", "no")][:12]
+    (tmp_path / "bundle.json").write_text(json.dumps(bundle))
+    train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", "train.max_steps=4",
+                 f"eval.data={tmp_path / 'bundle.json'}", "eval.suites=[vqa-rad]", "eval.every=2",
+                 "eval.max_new_tokens=4"))
+    evals = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if "benchmark_accuracy" in e]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all(e["benchmark_n"] == 12 and e["benchmark"]["VQA-RAD_test"]["n"] == 12 for e in evals)
+    assert all(0.0 <= e["benchmark_accuracy"] <= 1.0 for e in evals)
+    assert (tmp_path / "run" / "eval" / "step-000002").is_dir()
+
+
+def test_benchmark_eval_refused_under_zero3(tiny_dir, prepared_vqa, tmp_path):
+    (tmp_path / "b.json").write_text("[]")
+    with pytest.raises(MedvlError, match="not supported with deepspeed-zero3"):
+        train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", "distributed.nproc=2",
+                     "distributed.strategy=deepspeed-zero3", f"eval.data={tmp_path / 'b.json'}",
+                     "eval.suites=[vqa-rad]", "eval.every=2"))

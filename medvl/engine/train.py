@@ -337,9 +337,11 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
 
     from medvl.config import recipe_to_yaml
 
-    if recipe.eval.suites and recipe.eval.every:
-        raise MedvlError("benchmark evaluation during training (eval.suites + eval.every) is not available yet",
-                         fix="remove eval.every from the recipe and run `medvl eval` on the saved model")
+    if recipe.eval.every and recipe.world_size > 1 and recipe.distributed.strategy in ("deepspeed-zero3", "fsdp"):
+        raise MedvlError(f"benchmark evaluation during training (eval.every) is not supported with "
+                         f"{recipe.distributed.strategy}: sharded weights would make every rank generate in lockstep",
+                         fix="drop eval.every and run `medvl eval` on the checkpoints, or use ddp / deepspeed-zero2")
+    bench_set = load_benchmark(recipe) if recipe.eval.every else None
     run_dir = prepare_run_dir(recipe, resume)
     accelerator = build_accelerator(recipe)
     if recipe.world_size > 1 and accelerator.num_processes != recipe.world_size:
@@ -458,6 +460,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
             v = eval_loss(model, family, val, processor, accelerator, recipe)
             result.eval_losses.append((step + 1, v))
             sink.log({"kind": "eval", "step": step + 1, "eval_loss": round(v, 6)})
+        if bench_set is not None and (step + 1) % recipe.eval.every == 0:
+            sink.log(benchmark_eval(model, processor, family, bench_set, recipe, accelerator, run_dir, step + 1))
         if recipe.train.save_every and (step + 1) % recipe.train.save_every == 0 and step + 1 < total_steps:
             path = ckpt.save_checkpoint(accelerator, run_dir, step + 1, _trainer_state(step + 1, accelerator, recipe),
                                         keep_last=recipe.train.keep_last or 1)
@@ -482,6 +486,47 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     sink.close()
     accelerator.wait_for_everyone()
     return result
+
+
+def load_benchmark(recipe):
+    """The benchmark items scored during training, checked (paths, suites, every image) before step 1."""
+    from medvl.evaluate.run import image_problems, raise_image_problems, resolve_data
+    from medvl.evaluate.suites import load_suites
+
+    eval_set = load_suites(resolve_data(recipe.eval.data), recipe.eval.suites or "all", sample=recipe.eval.sample,
+                           seed=recipe.train.seed)
+    problems = image_problems(eval_set)
+    if problems:
+        raise_image_problems(problems, eval_set)
+    return eval_set
+
+
+def benchmark_eval(model, processor, family, eval_set, recipe, accelerator, run_dir: Path, step: int) -> dict:
+    """Greedy answers to the recipe's benchmark items with the weights of this step, scored like `medvl eval`;
+    every rank answers its shard. Returns the metric event (accuracy per dataset with n)."""
+    from accelerate.utils import gather_object
+
+    from medvl.evaluate.generate import Generator, answer_items, make_decoding, merge_shards
+    from medvl.evaluate.scoring import score
+
+    inner = accelerator.unwrap_model(model)
+    inner.eval()
+    try:
+        gen = Generator(inner, processor, family, make_decoding("greedy", max_new_tokens=recipe.eval.max_new_tokens),
+                        fingerprint={"run": str(run_dir), "step": step})
+        answers = answer_items(gen, eval_set.items, run_dir / "eval" / f"step-{step:06d}",
+                               batch_size=recipe.train.micro_batch_size * 4, rank=accelerator.process_index,
+                               world=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
+    finally:
+        inner.train()
+        getattr(processor, "tokenizer", processor).padding_side = "right"
+    parts = gather_object([answers.outputs]) if accelerator.num_processes > 1 else [answers.outputs]
+    outputs = {**answers.cached, **merge_shards(parts, [it.test_id for it in eval_set.items
+                                                       if it.test_id not in answers.cached])}
+    scores = score((it, outputs[it.test_id]) for it in eval_set.items).results["huatuo"]
+    return {"kind": "eval", "step": step, "benchmark_accuracy": round(scores.overall.acc, 4),
+            "benchmark_n": scores.overall.n,
+            "benchmark": {name: {"acc": round(a.acc, 4), "n": a.n} for name, a in scores.datasets.items()}}
 
 
 class _Position:
