@@ -47,6 +47,14 @@ class ListSink:
         pass
 
 
+def scalars(event: dict) -> dict[str, float] | None:
+    """`train/loss`-style scalars of a train or eval event (None for other events): what dashboards plot."""
+    if event.get("kind") not in ("train", "eval") or "step" not in event:
+        return None
+    return {f"{event['kind']}/{k}": v for k, v in event.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")}
+
+
 class TensorBoardSink:
     def __init__(self, log_dir: str | Path):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -54,10 +62,8 @@ class TensorBoardSink:
         self._w = SummaryWriter(str(log_dir))
 
     def log(self, event: dict) -> None:
-        if event.get("kind") in ("train", "eval") and "step" in event:
-            for k, v in event.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._w.add_scalar(f"{event['kind']}/{k}", v, event["step"])
+        for k, v in (scalars(event) or {}).items():
+            self._w.add_scalar(k, v, event["step"])
 
     def close(self) -> None:
         self._w.close()
@@ -70,9 +76,8 @@ class WandbSink:
         self._run = wandb.init(project="medvl", name=name, dir=str(run_dir), config=config)
 
     def log(self, event: dict) -> None:
-        if event.get("kind") in ("train", "eval") and "step" in event:
-            self._run.log({f"{event['kind']}/{k}": v for k, v in event.items() if isinstance(v, (int, float))},
-                          step=event["step"])
+        if (values := scalars(event)) is not None:
+            self._run.log(values, step=event["step"])
 
     def close(self) -> None:
         self._run.finish()
@@ -85,9 +90,8 @@ class SwanlabSink:
         self._run = swanlab.init(project="medvl", experiment_name=name, logdir=str(run_dir), config=config)
 
     def log(self, event: dict) -> None:
-        if event.get("kind") in ("train", "eval") and "step" in event:
-            swanlab_log = {f"{event['kind']}/{k}": v for k, v in event.items() if isinstance(v, (int, float))}
-            self._run.log(swanlab_log, step=event["step"])
+        if (values := scalars(event)) is not None:
+            self._run.log(values, step=event["step"])
 
     def close(self) -> None:
         self._run.finish()
