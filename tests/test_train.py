@@ -182,3 +182,9 @@ def test_benchmark_eval_refused_under_zero3(tiny_dir, prepared_vqa, tmp_path):
         train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", "distributed.nproc=2",
                      "distributed.strategy=deepspeed-zero3", f"eval.data={tmp_path / 'b.json'}",
                      "eval.suites=[vqa-rad]", "eval.every=2"))
+
+
+def test_fsdp_on_cpu_is_refused_clearly(tiny_dir, prepared_text, tmp_path):
+    with pytest.raises(MedvlError, match="fsdp needs CUDA GPUs"):
+        train(recipe(tiny_dir("causal-lm"), prepared_text, tmp_path / "run", "distributed.nproc=2",
+                     "distributed.strategy=fsdp"))

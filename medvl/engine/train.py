@@ -55,8 +55,13 @@ def build_accelerator(recipe):
     if recipe.train.precision == recipe.model.dtype and recipe.model.dtype != "fp32":
         precision = "no"  # weights already in 16 bit: no autocast on top (HuatuoGPT: bf16 weights, bf16 compute)
     deepspeed = recipe.distributed.strategy.startswith("deepspeed") and recipe.world_size > 1
-    # accelerate turns DeepSpeed off when cpu=True; on a CPU-only box the gloo backend below is what makes it work.
-    kwargs = dict(cpu=cpu and not deepspeed, mixed_precision=precision,
+    fsdp = recipe.distributed.strategy == "fsdp" and recipe.world_size > 1
+    if fsdp and cpu:
+        raise MedvlError("distributed.strategy fsdp needs CUDA GPUs: on CPU accelerate runs each process alone",
+                         fix="on CPU use ddp, deepspeed-zero2 or deepspeed-zero3 (all tested on CPU)")
+    # accelerate silently drops the DeepSpeed and FSDP plugins when cpu=True (it ran plain DDP); on a CPU-only
+    # box the gloo backend below is what makes them work.
+    kwargs = dict(cpu=cpu and not (deepspeed or fsdp), mixed_precision=precision,
                   gradient_accumulation_steps=recipe.train.grad_accum)
     handlers = []
     if cpu and recipe.world_size > 1:
@@ -68,7 +73,7 @@ def build_accelerator(recipe):
     strategy = recipe.distributed.strategy
     if deepspeed:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe))
-    elif strategy == "fsdp" and recipe.world_size > 1:
+    elif fsdp:
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
@@ -344,9 +349,11 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     bench_set = load_benchmark(recipe) if recipe.eval.every else None
     run_dir = prepare_run_dir(recipe, resume)
     accelerator = build_accelerator(recipe)
-    if recipe.world_size > 1 and accelerator.num_processes != recipe.world_size:
+    if recipe.world_size > 1 and (accelerator.num_processes != recipe.world_size
+                                  or accelerator.distributed_type.name == "NO"):
         raise MedvlError(f"the recipe asks for {recipe.world_size} processes but this run has "
-                         f"{accelerator.num_processes}", fix="start it with `medvl train` (it launches the processes)")
+                         f"{accelerator.num_processes} ({accelerator.distributed_type.name}): the processes would "
+                         "train alone, each on its own", fix="start it with `medvl train` (it launches the processes)")
     set_seed(recipe.train.seed)
     main = accelerator.is_main_process
     if main:
