@@ -50,16 +50,16 @@ from medvl.commands import recipes as _recipes  # noqa: E402
 from medvl.commands import tiny as _tiny  # noqa: E402
 from medvl.commands import train as _train  # noqa: E402
 
-COMMANDS = {
-    "convert": _convert.convert,
-    "export": _export.export,
-    "demo": _demo.demo,
+COMMANDS = {  # in the order of the recipe; `medvl --help` lists them so
     "doctor": _doctor.doctor,
+    "convert": _convert.convert,
     "prepare-data": _prepare.prepare_data,
     "inspect-data": _prepare.inspect_data,
-    "eval": _evaluate.evaluate,
     "train": _train.train,
+    "eval": _evaluate.evaluate,
+    "export": _export.export,
     "tiny": _tiny.tiny,
+    "demo": _demo.demo,
 }
 GROUPS = {
     "recipes": _recipes.app,
