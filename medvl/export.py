@@ -179,9 +179,12 @@ def load_pre_export(src: Source):
     state = checkpoint_state_dict(src.path)
     result = model.load_state_dict(state, strict=False)
     tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")} if _tied(model) else set()
-    if set(result.missing_keys) - tied or result.unexpected_keys:
+    # Checkpoints hold only what trains (engine/checkpoint.py); frozen weights come from the base model.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = (set(result.missing_keys) & trainable) - tied
+    if missing or result.unexpected_keys:
         raise MedvlError(f"checkpoint {src.path.name} does not match the model its recipe builds: "
-                         f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[:2]}), "
+                         f"{len(missing)} trainable tensors missing (e.g. {sorted(missing)[:2]}), "
                          f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})",
                          where=str(src.path), fix="export RUN/final instead, or check model.base in recipe.yaml")
     processor = load_processor(src.base, src.family)

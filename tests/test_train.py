@@ -188,3 +188,25 @@ def test_fsdp_on_cpu_is_refused_clearly(tiny_dir, prepared_text, tmp_path):
     with pytest.raises(MedvlError, match="fsdp needs CUDA GPUs"):
         train(recipe(tiny_dir("causal-lm"), prepared_text, tmp_path / "run", "distributed.nproc=2",
                      "distributed.strategy=fsdp"))
+
+
+def test_lora_checkpoints_hold_only_the_adapter_and_resume_exactly(tiny_dir, prepared_vqa, tmp_path):
+    from safetensors import safe_open
+
+    tiny = tiny_dir("qwen2.5-vl")
+    common = ["method=lora", "lora.r=4", "lora.alpha=8", "optim.lr=5e-3", "train.max_steps=8", "train.save_every=3"]
+    train(recipe(tiny, prepared_vqa, tmp_path / "a", *common))
+    train(recipe(tiny, prepared_vqa, tmp_path / "b", *common), stop_after_step=5)
+    with safe_open(str(tmp_path / "b" / "checkpoints" / "step-000003" / "model.safetensors"), "pt") as f:
+        saved = list(f.keys())
+    assert saved and all("lora_" in k for k in saved)  # 28 adapter tensors, not the 200k-parameter base
+    train(recipe(tiny, prepared_vqa, tmp_path / "b", *common), resume="auto")
+    a = load_file_pairs(tmp_path / "a" / "final" / "adapter_model.safetensors")
+    b = load_file_pairs(tmp_path / "b" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def load_file_pairs(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -5,6 +5,9 @@ and the sampler's position, registered as a checkpointable object; DeepSpeed and
 there) plus `trainer_state.json`. Every rank writes into `.step-000100.partial/`; rank 0 renames it into place
 once all ranks are done, so a crash or a full disk mid-save leaves only a `.partial` directory, which is
 ignored and later removed: the previous checkpoint stays intact. Only the newest `keep_last` are kept.
+
+Outside DeepSpeed, a checkpoint holds only the trainable parameters: frozen weights are the base model's and
+never change, so a LoRA run of a 7B model writes its adapter (~80 MB at r 16) per checkpoint, not 15 GB.
 """
 
 from __future__ import annotations
@@ -81,3 +84,41 @@ def load_checkpoint(accelerator, path: Path) -> dict:
                 "from the exported model")
     accelerator.load_state(str(path))
     return state
+
+
+def save_trainable_only(accelerator) -> None:
+    """Checkpoint only what trains (resume then loads it over the base weights); no-op under DeepSpeed/FSDP,
+    which save their own shards."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return
+
+    def trainable_names(model) -> set[str]:
+        return {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+    def on_save(models, weights, output_dir):
+        for i, model in enumerate(models):
+            keep = trainable_names(model)
+            if len(keep) < len(weights[i]):
+                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    def on_load(models, input_dir):
+        from safetensors.torch import load_file
+
+        for i, model in list(enumerate(models)):
+            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            if not path.is_file():
+                continue
+            state = load_file(str(path))
+            inner = accelerator.unwrap_model(model)
+            expected = trainable_names(model)
+            if set(state) != expected and len(state) < len(inner.state_dict()):
+                raise MedvlError(f"checkpoint {input_dir} holds {len(state)} trainable tensors, this run trains "
+                                 f"{len(expected)}", where=str(input_dir),
+                                 fix="resume with the recipe the run was started with (RUN/recipe.yaml)")
+            inner.load_state_dict(state, strict=False)
+            models.remove(model)
+
+    accelerator.register_save_state_pre_hook(on_save)
+    accelerator.register_load_state_pre_hook(on_load)

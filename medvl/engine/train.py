@@ -265,8 +265,11 @@ def make_loader(dataset, ids, plan, rank, start, total, num_workers, pad_id, pac
         batch = collate(good, pad_id, pack=pack) if good else None
         return batch, rejected
 
+    # Its own generator: a DataLoader iterator draws a seed from the global RNG, which would put a resumed run's
+    # dropout one draw out of step with the uninterrupted run (LoRA dropout made that visible).
     return torch.utils.data.DataLoader(_Remapped(), batch_sampler=StepBatchSampler(plan, rank, start, total),
                                        collate_fn=_collate, num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(plan.seed + rank),
                                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
 
 
@@ -384,6 +387,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     model, optimizer = accelerator.prepare(model, optimizer)
     position = _Position()
     accelerator.register_for_checkpointing(scheduler, position)
+    ckpt.save_trainable_only(accelerator)
 
     start = 0
     resume_from = ckpt.resolve_resume(resume, run_dir)
