@@ -160,16 +160,33 @@ def family_for_model_type(model_type: str) -> Family:
 
 
 def detect_family(model_dir: str | Path) -> Family:
-    """Family of a local checkpoint directory, from its config.json `model_type`."""
+    """Family of a checkpoint from its config.json `model_type`: a local directory, or a hub id already in the
+    Hugging Face cache (read from the cache; with HF_HUB_OFFLINE=1 nothing is fetched)."""
     cfg_path = Path(model_dir) / "config.json"
     if not cfg_path.is_file():
-        raise MedvlError(f"no config.json in {model_dir}", where=str(model_dir),
-                         fix="point at a directory saved with save_pretrained (it holds config.json and weights)")
+        cfg_path = _cached_config(str(model_dir))
     try:
         model_type = json.loads(cfg_path.read_text())["model_type"]
     except (ValueError, KeyError) as exc:
         raise MedvlError(f"config.json has no readable model_type ({exc})", where=str(cfg_path)) from None
     return family_for_model_type(model_type)
+
+
+def _cached_config(model: str) -> Path:
+    looks_like_repo = model.count("/") == 1 and not Path(model).exists() and not model.startswith((".", "/", "~"))
+    if looks_like_repo:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(model, "config.json"))
+        except Exception as exc:  # offline and not cached, no such repo, no network: all say the same to a user
+            reason = type(exc).__name__
+        raise MedvlError(f"model '{model}' is not a local directory and its config.json is not in the Hugging "
+                         f"Face cache ({reason})", where=model,
+                         fix=f"download it first (`hf download {model}`), or point at a local directory")
+    raise MedvlError(f"no config.json in {model}", where=str(model),
+                     fix="point at a directory saved with save_pretrained (it holds config.json and weights), "
+                         "or a hub id such as Qwen/Qwen2.5-VL-7B-Instruct that is in the Hugging Face cache")
 
 
 def get_family(name: str) -> Family:

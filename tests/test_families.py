@@ -116,3 +116,28 @@ def test_layout_of_a_real_model_in_both_namings(family):
     assert detect_layout(saved, fam) in (fam.layout, fam.legacy_layout)
     layout = detect_layout(saved, fam)
     assert all(layout.group_of(n) != "other" for n in saved), [n for n in saved if layout.group_of(n) == "other"][:3]
+
+
+def test_hub_id_resolves_through_the_cache(tmp_path, monkeypatch):
+    """A hub id is read from the Hugging Face cache (offline); a missing one says how to get it."""
+    import shutil
+
+    from medvl.tiny import build_tiny
+
+    # lay out a cache entry the way huggingface_hub does: models--org--name/snapshots/<rev>/config.json
+    cache = tmp_path / "hub"
+    snap = cache / "models--medvl-test--tiny-vl" / "snapshots" / ("0" * 40)
+    build_tiny("qwen2.5-vl", tmp_path / "m")
+    snap.mkdir(parents=True)
+    shutil.copy(tmp_path / "m" / "config.json", snap / "config.json")
+    (cache / "models--medvl-test--tiny-vl" / "refs").mkdir()
+    (cache / "models--medvl-test--tiny-vl" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    assert detect_family("medvl-test/tiny-vl").name == "qwen2.5-vl"
+    with pytest.raises(MedvlError, match="hf download medvl-test/absent"):
+        detect_family("medvl-test/absent")
