@@ -73,9 +73,19 @@ for _name, _group in GROUPS.items():
     app.add_typer(_group, name=_name)
 
 
+def _quiet_known_noise() -> None:
+    """DeepSpeed, imported by transformers whenever it is installed, warns "Setting accelerator to CPU" on every
+    command of a machine without a GPU; that is expected here and `medvl doctor` reports the device properly."""
+    import logging
+
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+
+
 def main() -> None:
     """Console-script entry: user mistakes (MedvlError) print as a panel and exit 2, never a traceback."""
     from medvl.errors import MedvlError
+
+    _quiet_known_noise()
 
     try:
         app(standalone_mode=True)

@@ -17,11 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default=None)
     args = parser.parse_args(argv)
 
+    from medvl.commands.main import _quiet_known_noise
     from medvl.commands.ui import TrainConsole, print_error
     from medvl.config import load_recipe
     from medvl.engine.train import train
     from medvl.errors import MedvlError
 
+    _quiet_known_noise()
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         train(load_recipe(args.recipe), resume=args.resume, sinks=[TrainConsole()] if rank0 else [])

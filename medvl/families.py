@@ -173,17 +173,18 @@ def detect_family(model_dir: str | Path) -> Family:
 
 
 def _cached_config(model: str) -> Path:
-    looks_like_repo = model.count("/") == 1 and not Path(model).exists() and not model.startswith((".", "/", "~"))
+    """config.json of a hub id from the local Hugging Face cache only: detection never waits on the network (a
+    mistyped local path such as `runs/x` also looks like a hub id)."""
+    looks_like_repo = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if looks_like_repo:
-        try:
-            from huggingface_hub import hf_hub_download
+        from huggingface_hub import try_to_load_from_cache
 
-            return Path(hf_hub_download(model, "config.json"))
-        except Exception as exc:  # offline and not cached, no such repo, no network: all say the same to a user
-            reason = type(exc).__name__
-        raise MedvlError(f"model '{model}' is not a local directory and its config.json is not in the Hugging "
-                         f"Face cache ({reason})", where=model,
-                         fix=f"download it first (`hf download {model}`), or point at a local directory")
+        found = try_to_load_from_cache(model, "config.json")
+        if isinstance(found, str):
+            return Path(found)
+        raise MedvlError(f"'{model}' is neither a local directory nor a model in the Hugging Face cache",
+                         where=model,
+                         fix=f"check the path, or download the model first: `hf download {model}`")
     raise MedvlError(f"no config.json in {model}", where=str(model),
                      fix="point at a directory saved with save_pretrained (it holds config.json and weights), "
                          "or a hub id such as Qwen/Qwen2.5-VL-7B-Instruct that is in the Hugging Face cache")
