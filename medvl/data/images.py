@@ -131,9 +131,15 @@ def _percentile_window(a: np.ndarray) -> np.ndarray:
 
 def _dicom_frame(path: str | Path, frame: str | int) -> tuple[Image.Image, int]:
     """(RGB image of the chosen frame, number of frames)."""
-    ds, n = _dicom_read(path)
-    index = _frame_index(frame, n, path)
-    return _dicom_rgb(ds, index, n, path), n
+    import warnings
+
+    # pydicom warns about benign quirks it repairs itself (e.g. "128 bytes of excess padding"); in a training
+    # run those lines would repeat for every sample. Real failures still raise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ds, n = _dicom_read(path)
+        index = _frame_index(frame, n, path)
+        return _dicom_rgb(ds, index, n, path), n
 
 
 def _dicom_read(path: str | Path) -> tuple[Any, int]:
