@@ -239,7 +239,7 @@ def packed_mrope_position_ids(model, batch: dict):
 
 def model_inputs(model, family: Family, batch: dict) -> dict:
     """The keyword arguments for model(**...): drops bookkeeping keys, builds packed mRoPE positions."""
-    kwargs = {k: v for k, v in batch.items() if k not in ("seq_lens", "images_per_sample", "labels")}
+    kwargs = {k: v for k, v in batch.items() if k not in ("seq_lens", "images_per_sample", "labels", "keepalive")}
     # No KV cache in training; with one, transformers also skips packed-sequence detection and packed samples
     # would attend to each other.
     kwargs["use_cache"] = False

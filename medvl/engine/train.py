@@ -81,8 +81,8 @@ def build_accelerator(recipe):
     elif recipe.world_size > 1:
         from accelerate.utils import DistributedDataParallelKwargs
 
-        # Text-only batches leave the vision tower without gradients; medvl runs a dummy image through it
-        # instead (see _vision_keepalive), so DDP can keep its faster find_unused_parameters=False.
+        # Text-only micro-batches would leave the vision tower without gradients; medvl appends an ignored
+        # one-image row instead (keepalive_sample), so DDP keeps its faster find_unused_parameters=False.
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=False))
     return Accelerator(kwargs_handlers=handlers, **kwargs)
 
@@ -247,7 +247,7 @@ def _measure_lengths(dataset) -> list[int]:
     return out
 
 
-def make_loader(dataset, ids, plan, rank, start, total, num_workers, pad_id, pack):
+def make_loader(dataset, ids, plan, rank, start, total, num_workers, pad_id, pack, keepalive=None):
     import torch
 
     from medvl.data.dataset import StepBatchSampler
@@ -262,8 +262,7 @@ def make_loader(dataset, ids, plan, rank, start, total, num_workers, pad_id, pac
     def _collate(encs):
         good = [e for e in encs if hasattr(e, "input_ids")]
         rejected = [e for e in encs if not hasattr(e, "input_ids")]
-        batch = collate(good, pad_id, pack=pack) if good else None
-        return batch, rejected
+        return collate_with_keepalive(good, pad_id, pack, keepalive), rejected
 
     # Its own generator: a DataLoader iterator draws a seed from the global RNG, which would put a resumed run's
     # dropout one draw out of step with the uninterrupted run (LoRA dropout made that visible).
@@ -289,41 +288,30 @@ def token_loss_sum(model, family, batch):
                                              ignore_index=IGNORE, reduction="sum")
 
 
-def vision_keepalive(model, dummy):
-    """Run a tiny image through the vision tower and return 0 x its output: a text-only micro-batch then still
-    touches every vision parameter, so DDP sees no unused parameters and ZeRO-3 ranks stay in step (each rank
-    must gather the same modules)."""
-    import torch
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(inner, "module", inner)
-    feats = inner.model.get_image_features(**dummy)
-    tensors = [t for t in _walk(feats) if torch.is_floating_point(t)]
-    return sum(t.sum() for t in tensors) * 0.0
-
-
-def _walk(x):
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, dict) or hasattr(x, "values") and not isinstance(x, str):
-        for v in x.values():
-            yield from _walk(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _walk(v)
-
-
-def dummy_vision_inputs(processor, family, device, dtype):
+def keepalive_sample(processor, family):
+    """A one-image sample whose labels are all ignored. Appended to a micro-batch that has no image when every
+    rank must run the vision tower (its parameters train under DDP, or ZeRO-3 gathers it): the tower then runs
+    inside the same forward, in the same module order, on every rank, and the loss is unchanged."""
     from PIL import Image
 
-    if not family.is_vision:
+    from medvl.data.collate import Encoded, encode_record
+
+    rec = {"id": "__keepalive__", "messages": [{"role": "user", "content": "<image>"},
+                                               {"role": "assistant", "content": "."}]}
+    enc = encode_record(rec, [Image.new("RGB", (56, 56))], processor, family)
+    return Encoded(enc.input_ids, [IGNORE] * len(enc), enc.vision, enc.mm_token_type_ids, 1, 0, "__keepalive__")
+
+
+def collate_with_keepalive(encs, pad_id: int, pack: bool, keepalive=None):
+    if keepalive is not None and not any(e.n_images for e in encs):
+        encs = encs + [keepalive]
+    if not encs:
         return None
-    out = processor.image_processor(images=[Image.new("RGB", (56, 56))], return_tensors="pt")
-    keep = {k: v.to(device) for k, v in out.items() if k in ("pixel_values", "image_grid_thw")}
-    keep["pixel_values"] = keep["pixel_values"].to(dtype)
-    return keep
+    import torch
+
+    batch = collate(encs, pad_id, pack=pack)
+    batch["keepalive"] = torch.tensor(int(encs[-1] is keepalive))
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -409,10 +397,10 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                   "distributed": accelerator.distributed_type.name, "device": str(accelerator.device)})
 
     tok = getattr(processor, "tokenizer", processor)
+    keepalive = keepalive_sample(processor, family) if family.is_vision and _needs_keepalive(recipe, table) else None
     loader = make_loader(dataset, train_ids, batch_plan, accelerator.process_index, start, total_steps,
-                         recipe.data.num_workers, tok.pad_token_id, recipe.data.packing)
+                         recipe.data.num_workers, tok.pad_token_id, recipe.data.packing, keepalive)
     dtype = next(p for p in model.parameters()).dtype
-    dummy = dummy_vision_inputs(processor, family, accelerator.device, dtype) if _needs_keepalive(recipe, table) else None
 
     result = RunResult(run_dir, run_dir / "final", start, table=table)
     guard = _Guard(sink)
@@ -424,7 +412,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         window = [next(micro_iter) for _ in range(recipe.train.grad_accum)]
         rejected = [r for _, rej in window for r in rej]
         local = [sum(supervised_tokens(b) for b, _ in window), len(rejected),
-                 sum(len(b["seq_lens"]) for b, _ in window if b is not None),  # samples (a packed row holds many)
+                 sum(len(b["seq_lens"]) - int(b["keepalive"]) for b, _ in window if b is not None),  # samples
                  sum(int(b["seq_lens"].sum()) for b, _ in window if b is not None)]  # input tokens, no padding
         counts = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")
         window_tokens, n_rejected, window_samples, window_inputs = (int(c) for c in counts)
@@ -441,8 +429,6 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                         summed = token_loss_sum(model, family, batch)
                     loss_sum += summed.detach()
                     loss = summed / window_tokens * accelerator.num_processes * recipe.train.grad_accum
-                if dummy is not None and (batch is None or "pixel_values" not in batch):
-                    loss = loss + vision_keepalive(model, dummy)
                 accelerator.backward(loss)
         grad_norm = _clip(accelerator, model, recipe.optim.max_grad_norm)
         optimizer.step()
@@ -468,7 +454,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                       "memory_gb": _memory_gb(accelerator), "eta_s": round(elapsed / done * (total_steps - step - 1), 1),
                       "rejected": n_rejected})
         if val is not None and recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
-            v = eval_loss(model, family, val, processor, accelerator, recipe)
+            v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive)
             result.eval_losses.append((step + 1, v))
             sink.log({"kind": "eval", "step": step + 1, "eval_loss": round(v, 6)})
         if bench_set is not None and (step + 1) % recipe.eval.every == 0:
@@ -485,7 +471,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
 
     result.steps = total_steps
     if val is not None and not (result.eval_losses and result.eval_losses[-1][0] == total_steps):
-        v = eval_loss(model, family, val, processor, accelerator, recipe)
+        v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive)
         result.eval_losses.append((total_steps, v))
         sink.log({"kind": "eval", "step": total_steps, "eval_loss": round(v, 6)})
     if recipe.train.save_every:
@@ -628,7 +614,7 @@ class _Guard:
                            "hint": "; ".join(f"{r.sample_id}: {r.message}" for r in rejected[:3])})
 
 
-def eval_loss(model, family, val, processor, accelerator, recipe) -> float:
+def eval_loss(model, family, val, processor, accelerator, recipe, keepalive=None) -> float:
     import torch
 
     dataset, ids = val
@@ -642,7 +628,8 @@ def eval_loss(model, family, val, processor, accelerator, recipe) -> float:
             encs = [e for e in encs if hasattr(e, "input_ids")]
             if not encs:
                 continue
-            batch = {k: v.to(accelerator.device) for k, v in collate(encs, tok.pad_token_id).items()}
+            batch = collate_with_keepalive(encs, tok.pad_token_id, False, keepalive)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
                 total[0] += token_loss_sum(model, family, batch).float()
             total[1] += supervised_tokens(batch)
