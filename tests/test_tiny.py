@@ -76,3 +76,21 @@ def test_refuses_non_empty_dir_and_leaves_nothing_half_written(tmp_path):
     build_tiny("causal-lm", out, overwrite=True)
     assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no .partial leftovers
+
+
+def test_stock_processor_path_where_torchvision_imports(tiny_dir, monkeypatch):
+    """With torchvision importable, the stock AutoProcessor is used (it then builds the video processor too);
+    without it, the image-only subclass. Checked by routing, since no CPU torchvision exists here."""
+    import transformers
+
+    import medvl.models as models
+
+    seen = {}
+    monkeypatch.setattr(models, "torchvision_usable", lambda: True)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained",
+                        classmethod(lambda cls, path, **kw: seen.setdefault("auto", str(path))))
+    assert load_processor(tiny_dir("qwen2.5-vl")) == str(tiny_dir("qwen2.5-vl"))
+    monkeypatch.setattr(models, "torchvision_usable", lambda: False)
+    proc = load_processor(tiny_dir("qwen2.5-vl"))
+    assert type(proc).__name__ == "Qwen2_5_VLProcessor" and not hasattr(proc, "video_processor")
+    assert type(load_processor(tiny_dir("llava"))).__module__.startswith("transformers")  # no video part: stock
