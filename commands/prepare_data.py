@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medvl.commands.ui import RichProgress, console
+from medvl.commands.ui import RichProgress
 
 EXAMPLES = """[bold]Examples[/]
   medvl prepare-data PubMedVision_Alignment_VQA.json --out data/align --model Qwen/Qwen2.5-VL-7B-Instruct

@@ -8,14 +8,8 @@ import tracemalloc
 import pytest
 from PIL import Image
 
-from medvl.data.formats import (
-    MCQ_SUFFIX,
-    ReadOptions,
-    detect_format,
-    iter_json_array,
-    iter_jsonl,
-    read_file,
-)
+from medvl.data.containers import iter_json_array, iter_jsonl
+from medvl.data.formats import MCQ_SUFFIX, ReadOptions, detect_format, read_file
 from medvl.data.schema import Record, Rejection
 from medvl.errors import MedvlError
 

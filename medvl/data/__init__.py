@@ -1,7 +1,8 @@
 """Training data: source formats in, normalized JSONL records out.
 
 - `schema.py`: the normalized record (the JSONL line format) and `Rejection`.
-- `formats.py`: one reader per source format, format detection, streaming JSON / JSONL readers.
+- `formats.py`: one reader per source format, format detection.
+- `containers.py`: a file's container read sample by sample (streamed JSON array, JSONL, JSON object, CSV).
 - `images.py`: PNG/JPEG/TIFF/BMP/WebP and DICOM to 8-bit RGB; resolution policies and visual-token counts.
 - `checks.py`: per-sample validation and repair (placeholders, image paths, decodability, limits).
 - `prepare.py`: the `prepare-data` driver: streaming, parallel, resumable shards, quarantine, manifest.

@@ -219,7 +219,7 @@ def packed_mrope_position_ids(model, batch: dict):
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     rope = inner.model.get_rope_index
-    rows, img_at, patch_at = [], 0, 0
+    rows, img_at = [], 0
     grids = batch.get("image_grid_thw")
     start = 0
     for n, k in zip(batch["seq_lens"].tolist(), batch["images_per_sample"].tolist()):

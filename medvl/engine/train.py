@@ -70,7 +70,6 @@ def build_accelerator(recipe):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     if cpu:
         _skip_deepspeed_cpu_jit()
-    strategy = recipe.distributed.strategy
     if deepspeed:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe))
     elif fsdp:
