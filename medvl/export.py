@@ -171,7 +171,7 @@ def load_pre_export(src: Source):
         return PeftModel.from_pretrained(base, str(src.path)), _processor(src, src.path)
     from medvl.config import load_recipe
     from medvl.engine.params import apply_plan
-    from medvl.engine.train import plan_from_recipe
+    from medvl.engine.setup import plan_from_recipe
 
     recipe = load_recipe(src.run_dir / "recipe.yaml")
     model = apply_plan(load_model(src.base, src.family, dtype="fp32"), src.family,
@@ -475,7 +475,7 @@ def _results(run_dir: Path | None) -> list[tuple[str, dict]]:
 
 
 def write_model_card(path: Path, name: str, src: Source, parity: Parity, cls_name: str, dtype: str) -> None:
-    from medvl.engine.train import library_versions
+    from medvl.versions import library_versions
 
     info = redact(src.run_info, src.run_dir)
     recipe = info.get("recipe") or {}

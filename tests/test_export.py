@@ -21,7 +21,7 @@ def fake_lora_run(tiny, family_name, run, *, seed=0, scale=0.5):
     from peft import LoraConfig, get_peft_model
 
     from medvl.config import load_recipe, recipe_to_yaml
-    from medvl.engine.train import library_versions
+    from medvl.versions import library_versions
     from medvl.export import probe_inputs
     from medvl.families import get_family
     from medvl.models import load_model, load_processor

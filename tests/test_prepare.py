@@ -61,7 +61,7 @@ def test_mixed_corrupt_data_quarantined_with_reasons(mixed, tmp_path):
 
 def test_exact_lengths_and_too_long(mixed, tmp_path, tiny_dir):
     model = tiny_dir("qwen2.5-vl")
-    res = prepare([mixed / "llava.json"], tmp_path / "out", model=str(model), max_seq_len=80)
+    prepare([mixed / "llava.json"], tmp_path / "out", model=str(model), max_seq_len=80)
     recs = [json.loads(line) for p in sorted((tmp_path / "out").glob("data-*.jsonl")) for line in open(p)]
     assert recs and all(40 < r["meta"]["n_tokens"] <= 80 for r in recs)
     assert all(r["meta"]["visual_tokens"] == [4] for r in recs)  # 64x48 -> 56x56 at the tiny model's floor

@@ -44,7 +44,7 @@ def plan_run(recipe) -> DryRun:
     from medvl.config import recipe_to_yaml
     from medvl.engine.launch import launch_command, needs_launch
     from medvl.engine.params import apply_plan, rows_as_dicts, trainability
-    from medvl.engine.train import plan_from_recipe
+    from medvl.engine.setup import plan_from_recipe
     from medvl.families import detect_family, get_family
     from pathlib import Path
 
