@@ -5,7 +5,6 @@ Only rich is imported here (cheap); commands import this, never the library's he
 
 from __future__ import annotations
 
-import sys
 
 from rich.console import Console
 
@@ -70,10 +69,6 @@ class RichProgress:
         elif self._name and not self.console.is_terminal:
             self.console.print(f"{self._name}: done ({self._done})")
         self._name = ""
-
-
-def is_tty() -> bool:
-    return sys.stdout.isatty()
 
 
 class TrainConsole:

@@ -66,12 +66,12 @@ def _dicom_files() -> dict[str, list[str]]:
         for path in sorted(root.rglob("*")):
             if not path.is_file() or path.suffix not in ("", ".dcm"):
                 continue
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            try:  # one read: only the two tags decided on here
+                ds = pydicom.dcmread(path, specific_tags=["Modality", "PixelData"])
             except Exception:
                 continue
             modality = str(ds.get("Modality", ""))
-            if modality in found and "PixelData" in pydicom.dcmread(path, specific_tags=["PixelData"]):
+            if modality in found and "PixelData" in ds:
                 found[modality].append(str(path))
     return found
 

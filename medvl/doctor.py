@@ -390,29 +390,30 @@ def check_bitsandbytes(pins: Mapping[str, str]) -> Check:
     return check
 
 
-def check_torchvision() -> Check:
-    why = "not needed (PIL image processors); PyPI's build is CUDA-linked, fails on CPU torch"
-    version = _dist_version("torchvision")
-    if version is None and not _has_module("torchvision"):
-        return Check("torchvision", "missing", "not installed", why)
-    _, err = _import("torchvision")
+def _not_needed(name: str, dist: str, module: str, why: str, broken_advice: str, ok_detail: str) -> Check:
+    """A package medvl does not need but whose presence matters: missing is fine, broken is a warning."""
+    version = _dist_version(dist)
+    if version is None and not _has_module(module):
+        return Check(name, "missing", "not installed", why)
+    _, err = _import(module)
     if err:
-        # transformers decides "torchvision is available" from find_spec alone, then imports it for its fast
-        # image processors, so a broken install breaks image processing that would work without it.
-        return Check("torchvision", "warn", f"{version or '?'}: {err}",
-                     "transformers sees it installed and may pick it for images: pip uninstall torchvision")
-    return Check("torchvision", "ok", version or "installed", "not needed by medvl; transformers may use it")
+        return Check(name, "warn", f"{version or '?'}: {err}", broken_advice)
+    return Check(name, "ok", version or "installed", ok_detail)
+
+
+def check_torchvision() -> Check:
+    # transformers decides "torchvision is available" from find_spec alone, then imports it for its fast image
+    # processors, so a broken install breaks image processing that would work without it.
+    return _not_needed("torchvision", "torchvision", "torchvision",
+                       "not needed (PIL image processors); PyPI's build is CUDA-linked, fails on CPU torch",
+                       "transformers sees it installed and may pick it for images: pip uninstall torchvision",
+                       "not needed by medvl; transformers may use it")
 
 
 def check_qwen_vl_utils() -> Check:
     why = "not needed (transformers resizes images); imports torchvision at import"
-    version = _dist_version("qwen-vl-utils")
-    if version is None and not _has_module("qwen_vl_utils"):
-        return Check("qwen-vl-utils", "missing", "not installed", why)
-    _, err = _import("qwen_vl_utils")
-    if err:
-        return Check("qwen-vl-utils", "warn", f"{version or '?'}: {err}", why)
-    return Check("qwen-vl-utils", "ok", version or "installed", "importable (optional, not required)")
+    return _not_needed("qwen-vl-utils", "qwen-vl-utils", "qwen_vl_utils", why, why,
+                       "importable (optional, not required)")
 
 
 def _existing_parent(path: Path) -> Path:

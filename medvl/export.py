@@ -40,6 +40,7 @@ from pathlib import Path
 
 from medvl.errors import MedvlError
 from medvl.families import Family, detect_family
+from medvl.models import tokenizer_of
 from medvl.progress import NullProgress
 
 LOGITS_TOL = 1e-4  # fp32 compute, same weights: measured 0.0-5e-6 (merging reorders the LoRA sums)
@@ -429,7 +430,7 @@ def verify_export(path: Path, family: Family, dtype: str, inputs: dict, pre: tup
     if problems:
         raise MedvlError("the exported model does not reproduce the pre-export model: " + "; ".join(problems),
                          where=str(path), fix="nothing was written; report this as a medvl bug with the command")
-    tok = getattr(processor, "tokenizer", processor)
+    tok = tokenizer_of(processor)
     return parity, tok.decode(tokens), type(model).__name__
 
 

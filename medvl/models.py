@@ -18,6 +18,11 @@ from medvl.families import Family, detect_family, get_family
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def tokenizer_of(processor):
+    """The tokenizer inside a processor; text-only families use the tokenizer itself as their processor."""
+    return getattr(processor, "tokenizer", processor)
+
+
 @functools.cache
 def torchvision_usable() -> bool:
     if importlib.util.find_spec("torchvision") is None:

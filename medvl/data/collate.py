@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from medvl.families import Family
+from medvl.models import tokenizer_of
 
 IGNORE = -100
 PLACEHOLDER = "<image>"
@@ -131,12 +132,8 @@ def align_labels(expanded: list[int], plain: list[int], plain_labels: list[int])
 # ---------------------------------------------------------------------------------------------------------
 # one record -> Encoded, with image-safe truncation
 
-def _tokenizer(processor):
-    return getattr(processor, "tokenizer", processor)
-
-
 def _encode_once(messages, images, processor, family: Family, loss_mask: str, sample_id: str) -> Encoded:
-    tok = _tokenizer(processor)
+    tok = tokenizer_of(processor)
     text, spans = render_with_spans(processor, messages, family, loss_mask)
     plain = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = labels_from_spans(plain["offset_mapping"], plain["input_ids"], spans)
@@ -289,7 +286,7 @@ def measure(record: dict, image_sizes: list[tuple[int, int]], processor, family:
     """(kept messages, n_tokens, visual tokens per kept image) for a record, or a Rejected.
 
     The same rule as encode_record: drop whole trailing turns (and their images) until it fits."""
-    tok = _tokenizer(processor)
+    tok = tokenizer_of(processor)
     messages = record["messages"]
     visual = visual_token_counts(processor, family, image_sizes) if family.is_vision else []
     last_len = None

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from medvl.config import RESOLUTION_PRESETS
 from medvl.errors import MedvlError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom")
@@ -281,13 +282,11 @@ class ResolutionPolicy:
         return replace(self, factor=factor)
 
 
+# The recipe presets (config.RESOLUTION_PRESETS, one table for recipes, the CLI and this module), plus the
+# Qwen2-VL / Qwen2.5-VL processor default: min 3,136 px, max 12,845,056 px (16,384 tokens).
 PRESETS: dict[str, ResolutionPolicy] = {
-    # Qwen2-VL / Qwen2.5-VL preprocessor_config.json: min 3,136 px, max 12,845,056 px (16,384 tokens).
     "qwen-default": ResolutionPolicy(4 * 28 * 28, 16384 * 28 * 28),
-    # HuatuoGPT-Vision train_vl.py: --max_width 420 --max_height 360 -> 151,200 px, at most 192 tokens.
-    "huatuo": ResolutionPolicy(4 * 28 * 28, 420 * 360),
-    # qwen-vl-finetune argument.py defaults: 16..576 tokens per image.
-    "qwen-finetune": ResolutionPolicy(16 * 28 * 28, 576 * 28 * 28),
+    **{name: ResolutionPolicy(lo, hi) for name, (lo, hi) in RESOLUTION_PRESETS.items()},
 }
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medvl.errors import MedvlError
+from medvl.models import tokenizer_of
 
 
 @dataclass
@@ -40,7 +41,7 @@ def inspect_sample(data_dir: str | Path, index: int, model: str, *, loss_mask: s
     meta = rec.get("meta", {})
     if isinstance(enc, Rejected):
         return Inspection(rec["id"], meta.get("location", ""), [], 0, 0, [], meta.get("repairs", []), enc.message)
-    tok = getattr(processor, "tokenizer", processor)
+    tok = tokenizer_of(processor)
     image_id = tok.convert_tokens_to_ids(family.image_token) if family.image_token else None
     spans: list[tuple[str, str]] = []
     image_tokens: list[int] = []

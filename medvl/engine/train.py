@@ -31,6 +31,7 @@ from medvl.engine.params import apply_plan, param_groups, rows_as_dicts, trainab
 from medvl.engine.setup import build_accelerator, load_for_training, plan_from_recipe, prepare_run_dir
 from medvl.engine.validate import benchmark_eval, eval_loss, load_benchmark
 from medvl.errors import MedvlError
+from medvl.models import tokenizer_of
 from medvl.versions import library_versions
 
 
@@ -114,7 +115,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                   "dropped_per_epoch": batch_plan.dropped_per_epoch(), "table": table,
                   "distributed": accelerator.distributed_type.name, "device": str(accelerator.device)})
 
-    tok = getattr(processor, "tokenizer", processor)
+    tok = tokenizer_of(processor)
     keepalive = keepalive_sample(processor, family) if family.is_vision and _needs_keepalive(recipe, table) else None
     loader = make_loader(dataset, train_ids, batch_plan, accelerator.process_index, start, total_steps,
                          recipe.data.num_workers, tok.pad_token_id, recipe.data.packing, keepalive)

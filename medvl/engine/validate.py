@@ -7,6 +7,7 @@ from pathlib import Path
 
 from medvl.engine.batches import collate_with_keepalive
 from medvl.engine.loss import supervised_tokens, token_loss_sum
+from medvl.models import tokenizer_of
 
 
 def load_benchmark(recipe):
@@ -40,7 +41,7 @@ def benchmark_eval(model, processor, family, eval_set, recipe, accelerator, run_
                                world=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
     finally:
         inner.train()
-        getattr(processor, "tokenizer", processor).padding_side = "right"
+        tokenizer_of(processor).padding_side = "right"
     parts = gather_object([answers.outputs]) if accelerator.num_processes > 1 else [answers.outputs]
     outputs = {**answers.cached, **merge_shards(parts, [it.test_id for it in eval_set.items
                                                        if it.test_id not in answers.cached])}
@@ -54,7 +55,7 @@ def eval_loss(model, family, val, processor, accelerator, recipe, keepalive=None
     import torch
 
     dataset, ids = val
-    tok = getattr(processor, "tokenizer", processor)
+    tok = tokenizer_of(processor)
     mine = ids[accelerator.process_index::accelerator.num_processes]
     total = torch.zeros(2, device=accelerator.device)
     model.eval()

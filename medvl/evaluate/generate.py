@@ -37,6 +37,7 @@ from pathlib import Path
 from medvl.errors import MedvlError
 from medvl.evaluate.suites import EvalItem, build_prompt
 from medvl.families import Family, detect_family
+from medvl.models import tokenizer_of
 from medvl.progress import NullProgress, ProgressSink
 
 DECODINGS = ("greedy", "huatuo")
@@ -270,7 +271,7 @@ class Generator:
 
         self.model, self.processor, self.family, self.decoding = model, processor, family, decoding
         self.device = device if device is not None else next(model.parameters()).device
-        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer = tokenizer_of(processor)
         self.tokenizer.padding_side = "left"  # see the module docstring: new tokens go after the last column
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
