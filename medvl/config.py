@@ -8,13 +8,13 @@ them). Loading goes:
 
 1. find the file: an existing path wins, else a bare name ("tiny_cpu" or "tiny_cpu.yaml") is a shipped recipe
    in the `medvl.recipes` package;
-2. read the YAML twice: once as data, once as a node tree, so every key has a line number (and duplicate
-   keys, which PyYAML silently collapses to the last one, are caught);
-3. apply `key.sub=value` overrides to the raw dict, values read as YAML scalars (1e-5, true, null, [a, b]);
-4. validate the fields, then the cross-field checks, collecting everything; raise one `RecipeError`.
+2. read the YAML with a line number for every key, apply `key.sub=value` overrides (medvl/config_yaml.py:
+   the general YAML + reworded-pydantic-errors layer);
+3. validate the fields, then the cross-field checks (medvl/config_checks.py, which Recipe's own validator
+   runs), collecting everything; raise one `RecipeError`.
 
 Public: Recipe (+ its sections), load_recipe, resolve_recipe_path, shipped_recipes, recipe_to_yaml,
-recipe_summary, recipe_warnings, RecipeError (.problems: list[Problem]), RESOLUTION_PRESETS.
+recipe_summary, recipe_warnings (from config_checks), RecipeError (.problems: list[Problem]), RESOLUTION_PRESETS.
 
 Precision, decided: `model.dtype` is the dtype the weights are loaded in; `train.precision` is the autocast
 (mixed-precision) dtype and defaults to `model.dtype`. Valid pairs are (fp32, fp32|bf16|fp16), (bf16, bf16),
@@ -29,19 +29,28 @@ from __future__ import annotations
 import difflib
 import re
 import types
-import typing
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, ValidationInfo, \
-    field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, \
+    model_validator
 
+from medvl.config_checks import INVALID, CrossCheckError, cross_check, recipe_summary, recipe_warnings
+from medvl.config_yaml import Dumper, Problem, YamlSyntax, apply_overrides, place, read_yaml, reword
 from medvl.errors import MedvlError
+from medvl.families import FAMILY_NAMES
 
-Family = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava", "internvl", "causal-lm"]
+__all__ = [
+    "RESOLUTION_PRESETS", "DataSection", "DataSource", "DistributedSection", "EvalSection", "FreezeSection",
+    "LoraSection", "ModelSection", "OptimSection", "OutputSection", "Problem", "Recipe", "RecipeError",
+    "TrainSection", "load_recipe", "recipe_summary", "recipe_to_yaml", "recipe_warnings", "resolve_recipe_path",
+    "shipped_recipes",
+]
+
+# The family names come from the family table (medvl/families.py), the one list of supported families.
+FamilyName = Literal[FAMILY_NAMES]  # type: ignore[valid-type]
 DType = Literal["bf16", "fp16", "fp32"]
 Method = Literal["full", "lora", "qlora"]
 Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"]
@@ -59,11 +68,6 @@ RESOLUTION_PRESETS: dict[str, tuple[int, int]] = {
     "qwen-finetune": (16 * 28 * 28, 576 * 28 * 28),
 }
 
-# Pixel side of one visual token after the 2x2 merge, for the families that take min/max_pixels (used only for
-# a warning; medvl/families.py is the source of truth: Qwen2/2.5-VL patch 14, Qwen3-VL patch 16).
-_TOKEN_SIDE_PX = {"qwen2-vl": 28, "qwen2.5-vl": 28, "qwen3-vl": 32}
-_LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -76,7 +80,7 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     base: str = Field(min_length=1)
     """Model to start from: a local directory (e.g. the output of `medvl convert`) or a hub id."""
-    family: Family | None = None
+    family: FamilyName | None = None
     """Model family; null = detect from config.json `model_type` at load time (never from the directory name)."""
     dtype: DType = "bf16"
     """dtype the weights are loaded in. For qlora: the compute dtype of the 4-bit (NF4) base."""
@@ -320,12 +324,12 @@ class Recipe(_Section):
         return _empty_sections_to_defaults(data)
 
     @model_validator(mode="after")
-    def _check_and_resolve(self, info: ValidationInfo) -> Recipe:
-        # load_recipe defers the checks to report them with line numbers; direct construction checks here.
-        if not (info.context or {}).get("defer_checks"):
-            problems = cross_check(self)
-            if problems:
-                raise ValueError("; ".join(f"{p.path}: {p.message}" for p in problems))
+    def _check_and_resolve(self) -> Recipe:
+        # The one place a whole recipe is cross-checked; load_recipe unpacks the Problems (with their keys) from
+        # the CrossCheckError that pydantic keeps in the error's ctx.
+        problems = cross_check(self)
+        if problems:
+            raise CrossCheckError(problems)
         if self.method != "full" and self.lora is None:
             self.lora = LoraSection()
         if self.train.precision is None:
@@ -359,212 +363,13 @@ class Recipe(_Section):
 def _empty_sections_to_defaults(raw: Any) -> Any:
     # A section whose keys are all commented out reads as null in YAML; it means "all defaults", not an error.
     if isinstance(raw, dict):
-        return {k: ({} if v is None and k in _SECTIONS and k != "lora" else v) for k, v in raw.items()}
+        return {k: ({} if v is None and k in _SECTIONS else v) for k, v in raw.items()}
     return raw
 
 
+# Required-or-defaulted sections only: lora is Optional, so `lora:` left empty still means "no lora section".
 _SECTIONS = {name: f.annotation for name, f in Recipe.model_fields.items()
-             if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)} | {"lora": LoraSection}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Cross-field checks. Each takes the recipe (or a partial one whose invalid parts are _INVALID) and yields
-# (loc, message) for every problem it finds. recipe_warnings, further down, holds what is legal but suspect.
-
-_INVALID = object()
-
-
-def _precision(r) -> str:
-    return r.train.precision or r.model.dtype
-
-
-def _check_data(r):
-    d = r.data
-    if d.val is not None and d.val_fraction is not None:
-        yield ("data", "val_fraction"), "set together with data.val; use a val directory or a held-out fraction"
-    if d.resolution is not None:
-        for key in ("min_pixels", "max_pixels"):
-            if getattr(d, key) is not None:
-                lo, hi = RESOLUTION_PRESETS[d.resolution]
-                yield ("data", key), (f"set together with data.resolution {d.resolution!r} (= {lo:,}..{hi:,} px); "
-                                      f"remove one of them")
-    if d.min_pixels is not None and d.max_pixels is not None and d.min_pixels > d.max_pixels:
-        yield ("data", "min_pixels"), f"{d.min_pixels:,} is larger than data.max_pixels {d.max_pixels:,}"
-    seen: dict[str, int] = {}
-    for i, src in enumerate(d.train):
-        if src.path in seen:
-            yield ("data", "train", i, "path"), (f"same directory as data.train[{seen[src.path]}]; "
-                                                 f"to upsample it use one entry with weight: 2")
-        seen.setdefault(src.path, i)
-
-
-def _check_optim(r):
-    o = r.optim
-    if o.warmup_ratio is not None and o.warmup_steps is not None:
-        yield ("optim", "warmup_steps"), "set together with optim.warmup_ratio; keep one (the other = null)"
-
-
-def _check_precision(r):
-    dtype, prec = r.model.dtype, _precision(r)
-    if {dtype, prec} == {"bf16", "fp16"}:
-        yield ("train", "precision"), (f"{prec} compute over {dtype} weights mixes the two 16-bit formats; "
-                                       f"use the same for both, or model.dtype: fp32")
-    elif dtype != "fp32" and prec == "fp32":
-        yield ("train", "precision"), (f"fp32 over {dtype} weights still computes in {dtype}; "
-                                       f"for fp32 training set model.dtype: fp32")
-    if dtype == "fp16" and r.method == "full":
-        yield ("model", "dtype"), ("fp16 weights cannot be fully fine-tuned (updates underflow; the grad scaler "
-                                   "refuses fp16 gradients); use bf16, or fp32 with train.precision: fp16")
-    if r.method == "qlora" and dtype == "fp32":
-        yield ("model", "dtype"), "qlora computes in bf16 or fp16 over its 4-bit base; use bf16 (fp16 before Ampere)"
-    if r.model.attn_implementation == "flash_attention_2" and prec == "fp32":
-        yield ("model", "attn_implementation"), "flash_attention_2 runs only in bf16/fp16; use sdpa for fp32"
-
-
-def _check_device(r):
-    if r.train.device != "cpu":
-        return
-    if r.model.attn_implementation == "flash_attention_2":
-        yield ("model", "attn_implementation"), "flash_attention_2 needs CUDA, but train.device is cpu; use sdpa"
-    if r.method == "qlora":
-        yield ("method",), "qlora's 4-bit kernels (bitsandbytes) need CUDA, but train.device is cpu"
-
-
-def _check_method(r):
-    f, lora = r.freeze, r.lora
-    if r.method == "full":
-        if lora is not None:
-            yield ("lora",), "set, but method is full; set method: lora (or qlora), or delete the lora section"
-        groups = [f.language_model] if r.model.family == "causal-lm" else [f.vision_tower, f.projector,
-                                                                           f.language_model]
-        if all(groups):
-            yield ("freeze",), "every parameter group is frozen and method is full: nothing would train"
-        return
-    lora = lora or LoraSection()
-    if lora.target != "language":
-        try:
-            re.compile(lora.target)
-        except re.error as exc:
-            yield ("lora", "target"), f"not a valid regex ({exc})"
-        for key in ("include_vision", "include_projector"):
-            if getattr(lora, key):
-                yield ("lora", key), "only extends target 'language'; with a regex target, match those modules in it"
-        return
-    if f.language_model:
-        yield ("freeze", "language_model"), "true, but lora.target 'language' puts the adapters there"
-    if lora.include_vision and f.vision_tower:
-        yield ("freeze", "vision_tower"), "true, but lora.include_vision puts adapters there"
-    if lora.include_projector and f.projector:
-        yield ("freeze", "projector"), "true, but lora.include_projector puts adapters there"
-    if r.model.family == "causal-lm":
-        for key in ("include_vision", "include_projector"):
-            if getattr(lora, key):
-                yield ("lora", key), "a causal-lm has no vision tower or projector"
-
-
-def _check_eval(r):
-    e = r.eval
-    if e.every is not None:
-        if e.data is None:
-            yield ("eval", "data"), "required when eval.every is set: the benchmark bundle JSON"
-        if not e.suites:
-            yield ("eval", "suites"), "empty, but eval.every is set; name at least one suite"
-    for i, name in enumerate(e.suites):
-        if name in e.suites[:i]:
-            yield ("eval", "suites", i), f"{name!r} is listed twice"
-
-
-def _check_val(r):
-    if r.train.eval_every is not None and r.data.val is None and r.data.val_fraction is None:
-        yield ("train", "eval_every"), "needs validation data; set data.val or data.val_fraction"
-
-
-def _check_distributed(r):
-    d = r.distributed
-    if d.node_rank >= d.nnodes:
-        yield ("distributed", "node_rank"), f"{d.node_rank}, but nnodes is {d.nnodes} (ranks 0..{d.nnodes - 1})"
-    if d.nnodes > 1 and d.master_addr in _LOOPBACK:
-        yield ("distributed", "master_addr"), (f"{d.master_addr!r} is not reachable from other nodes; "
-                                               f"set node 0's address")
-    if d.deepspeed_config is not None and not d.strategy.startswith("deepspeed-"):
-        yield ("distributed", "deepspeed_config"), f"set, but strategy is {d.strategy}; it would be ignored"
-
-
-# (sections each check reads, the check). Explicit list; a check is skipped when one of its sections is invalid.
-_CHECKS = [
-    (("data",), _check_data),
-    (("optim",), _check_optim),
-    (("model", "train", "method"), _check_precision),
-    (("model", "train", "method"), _check_device),
-    (("model", "method", "lora", "freeze"), _check_method),
-    (("eval",), _check_eval),
-    (("data", "train"), _check_val),
-    (("distributed",), _check_distributed),
-]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a recipe: where (dotted key, YAML line or override) and what."""
-
-    loc: tuple[str | int, ...]
-    message: str
-    line: int | None = None
-    override: str | None = None
-
-    @property
-    def path(self) -> str:
-        return _dotted(self.loc)
-
-    def __str__(self) -> str:
-        where = f"  [override {self.override}]" if self.override else f"  (line {self.line})" if self.line else ""
-        return f"{self.path}: {self.message}{where}"
-
-
-def cross_check(recipe) -> list[Problem]:
-    """Every cross-field problem of a validated (or partially validated) recipe."""
-    problems = []
-    for needs, check in _CHECKS:
-        if any(getattr(recipe, n) is _INVALID for n in needs):
-            continue
-        problems += [Problem(loc, msg) for loc, msg in check(recipe)]
-    return problems
-
-
-def recipe_warnings(recipe: Recipe) -> list[str]:
-    """Settings that are legal but probably not what was meant, as "dotted.path: message" lines."""
-    out = []
-    r, o, f = recipe, recipe.optim, recipe.freeze
-    lora = r.lora if r.method != "full" else None
-    if r.distributed.strategy.startswith("deepspeed-") and r.world_size == 1:
-        out.append("distributed.strategy: ZeRO shards over processes; with 1 process it saves no memory (use ddp)")
-    # A group's own lr is dead when the group has nothing to train.
-    vision_trains = (not f.vision_tower) if lora is None else (lora.include_vision or lora.target != "language")
-    projector_trains = (not f.projector) if lora is None else (lora.include_projector or lora.target != "language")
-    if o.vision_lr is not None and not vision_trains:
-        out.append("optim.vision_lr: set, but the vision tower has no trainable parameters")
-    if o.projector_lr is not None and not projector_trains:
-        out.append("optim.projector_lr: set, but the projector has no trainable parameters")
-    if r.method == "full" and o.lr > 1e-4:
-        out.append(f"optim.lr: {o.lr:g} is a LoRA-scale rate; full fine-tuning of a pretrained model uses "
-                   f"1e-6..2e-5 and often diverges above ~1e-4")
-    if r.method != "full" and o.lr < 1e-5:
-        out.append(f"optim.lr: {o.lr:g} is a full-fine-tune rate; LoRA usually needs 1e-4..2e-4")
-    if o.scheduler == "constant" and o.min_lr_ratio > 0:
-        out.append("optim.min_lr_ratio: ignored by the constant scheduler")
-    for key in ("save_every", "eval_every"):
-        every = getattr(r.train, key)
-        if every is not None and r.train.max_steps is not None and every > r.train.max_steps:
-            out.append(f"train.{key}: {every} is beyond train.max_steps {r.train.max_steps}: it never happens")
-    side = _TOKEN_SIDE_PX.get(r.model.family or "")
-    max_px = r.data.pixel_range[1]
-    if side and max_px:
-        per_image = max_px // (side * side)
-        total = per_image * r.data.max_images_per_sample
-        if total >= r.data.max_seq_len:
-            out.append(f"data.max_seq_len: {r.data.max_images_per_sample} images x {per_image} tokens = {total:,} "
-                       f"visual tokens >= {r.data.max_seq_len:,}: samples with that many images cannot fit")
-    return out
+             if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -581,22 +386,6 @@ class RecipeError(MedvlError):
         lines = "\n".join(f"  {p}" for p in problems)
         super().__init__(f"recipe {source}: {n} problem{'s' if n != 1 else ''}\n{lines}", where=source,
                          fix=f"edit the keys above, then check again: medvl recipes validate {source}")
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-5 as a float (YAML 1.1, and so PyYAML, only knows 1.0e-5)."""
-
-
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-                              list("-+0123456789."))
-
-
-class _Dumper(yaml.SafeDumper):
-    """Block-style sections, but short scalar lists on one line: betas: [0.9, 0.999]."""
-
-
-_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
-    "tag:yaml.org,2002:seq", data, flow_style=all(not isinstance(v, (dict, list)) for v in data)))
 
 
 def _shipped_dir():
@@ -638,29 +427,30 @@ def load_recipe(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
     source = str(path)
     text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.load(text, Loader=_Loader)
-        lines, problems = _line_map(yaml.compose(text, Loader=_Loader))
-    except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else None
-        raise RecipeError(source, [Problem((), f"not valid YAML: {exc.problem or exc}", line=line)]) from None
+        raw, lines, problems = read_yaml(text)
+    except YamlSyntax as exc:
+        raise RecipeError(source, [exc.problem]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(source, [Problem((), "must be a YAML mapping of sections (model:, data:, train: ...)")])
-    origins, override_problems = _apply_overrides(raw, overrides)
+    origins, override_problems = apply_overrides(raw, overrides)
     problems += override_problems
 
     try:
-        recipe = Recipe.model_validate(raw, context={"defer_checks": True})
-        parts = recipe
+        recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         recipe = None
-        problems += [Problem(tuple(e["loc"]), _message(e)) for e in exc.errors(include_url=False)]
-        parts = _valid_parts(raw)
-    problems += cross_check(parts)
+        errors = exc.errors(include_url=False)
+        crossed = [e["ctx"]["error"] for e in errors if isinstance((e.get("ctx") or {}).get("error"), CrossCheckError)]
+        if crossed:  # every field valid: the validator's cross-checks are the only errors
+            problems += crossed[0].problems
+        else:  # Recipe's validator did not run: cross-check the valid parts, so everything shows in one go
+            problems += [Problem(tuple(e["loc"]), reword(e, Recipe)) for e in errors]
+            problems += cross_check(_valid_parts(raw))
 
     if problems:
-        placed = [_place(p, lines, origins) for p in problems]
+        placed = [place(p, lines, origins) for p in problems]
         # File order reads best; override problems (no line) go last.
         placed.sort(key=lambda p: (p.line is None, p.line or 0))
         raise RecipeError(source, placed)
@@ -674,202 +464,22 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     if recipe.overrides:
         head.append(f"# overrides: {' '.join(recipe.overrides)}")
     head.append(f"# global batch: {recipe.batch_arithmetic()}")
-    body = yaml.dump(recipe.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False, allow_unicode=True,
+    body = yaml.dump(recipe.model_dump(mode="json"), Dumper=Dumper, sort_keys=False, allow_unicode=True,
                      width=120)
     return "\n".join(head) + "\n" + body
 
 
-def recipe_summary(recipe: Recipe) -> list[tuple[str, str]]:
-    """(label, one line) pairs describing what a recipe will do; for `medvl recipes validate` and run headers."""
-    r, d, o, t = recipe, recipe.data, recipe.optim, recipe.train
-    if r.method == "full":
-        groups = [g for g, frozen in (("vision tower", r.freeze.vision_tower), ("projector", r.freeze.projector),
-                                      ("language model", r.freeze.language_model)) if not frozen]
-        method = f"full: trains {', '.join(groups)}"
-    else:
-        lo = r.lora
-        where = lo.target if lo.target != "language" else "+".join(
-            ["language"] + ["vision"] * lo.include_vision + ["projector"] * lo.include_projector)
-        method = f"{r.method}: r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {where}"
-    px = [f"{v:,}" if v else "default" for v in d.pixel_range]
-    pixels = (f"{d.resolution} " if d.resolution else "") + (f"{px[0]}..{px[1]} px" if any(d.pixel_range)
-                                                               else "processor-default size")
-    val = d.val or (f"{d.val_fraction:g} of train" if d.val_fraction else "none")
-    warm = f"{o.warmup_steps} steps" if o.warmup_steps is not None else f"{o.warmup_ratio or 0:g} of steps"
-    length = f"{t.max_steps} steps max" if t.max_steps else f"{t.epochs:g} epoch(s)"
-    saves = f"save every {t.save_every}" if t.save_every else "save per epoch"
-    return [
-        ("model", f"{r.model.base} ({r.model.family or 'family from config.json'}, {r.model.dtype}, "
-                  f"{r.model.attn_implementation})"),
-        ("method", method),
-        ("data", f"{len(d.train)} source(s), val {val}, {d.max_seq_len} tokens, <= {d.max_images_per_sample} "
-                 f"images at {pixels}, loss on {d.loss_mask} assistant turn(s)"),
-        ("optim", f"lr {o.lr:g}, {o.scheduler} to {o.min_lr_ratio:g}x, warmup {warm}, wd {o.weight_decay:g}, "
-                  f"clip {o.max_grad_norm if o.max_grad_norm is not None else 'off'}"),
-        ("batch", r.batch_arithmetic()),
-        ("run", f"{length}, {t.precision} on {t.device}, {r.distributed.strategy}, {saves}, out {r.output.dir}"),
-    ]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Helpers for load_recipe: overrides, line numbers, readable messages
-
-
-def _apply_overrides(raw: dict, overrides) -> tuple[dict[tuple, str], list[Problem]]:
-    origins: dict[tuple, str] = {}
-    problems: list[Problem] = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        parts = tuple(key.strip().split("."))
-        if not sep or not all(parts):
-            problems.append(Problem(("override",), f"{item!r} is not key.sub=value (e.g. optim.lr=1e-5)",
-                                    override=item))
-            continue
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                problems.append(Problem(parts[: i + 1], f"is a {type(node[part]).__name__}, not a section, so "
-                                        f"{key} cannot be set", override=item))
-                break
-            node = node[part]
-        else:
-            try:
-                node[parts[-1]] = yaml.load(value, Loader=_Loader)
-            except yaml.YAMLError:
-                node[parts[-1]] = value  # not YAML (e.g. "a: b: c"): keep the text as a string
-            origins[parts] = item
-    return origins, problems
-
-
-def _line_map(node, loc=(), lines=None, problems=None):
-    """{loc: 1-based line} for every key and list item, plus duplicate-key problems."""
-    if lines is None:
-        lines, problems = {(): 1}, []
-    if isinstance(node, yaml.MappingNode):
-        first: dict[str, int] = {}
-        for key_node, value in node.value:
-            here = loc + (key_node.value,)
-            line = key_node.start_mark.line + 1
-            if key_node.value in first:
-                problems.append(Problem(here, f"duplicate key (first on line {first[key_node.value]}); YAML keeps "
-                                        f"only the last one", line=line))
-            first.setdefault(key_node.value, line)
-            lines[here] = line
-            _line_map(value, here, lines, problems)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[loc + (i,)] = item.start_mark.line + 1
-            _line_map(item, loc + (i,), lines, problems)
-    return lines, problems
-
-
-def _place(p: Problem, lines: dict[tuple, int], origins: dict[tuple, str]) -> Problem:
-    """Attach the YAML line of the deepest key of p.loc in the file, unless an override explains it better
-    (it set that key, something under it, or the only part of its section the file does not have)."""
-    if p.override or p.line:
-        return p
-    loc = p.loc
-    while loc not in lines:
-        loc = loc[:-1]
-    best, best_score = None, float(len(loc))
-    for oloc, item in origins.items():
-        n = min(len(oloc), len(p.loc))
-        shared = next((i for i in range(n) if oloc[i] != p.loc[i]), n)
-        score = shared + (0.5 if shared == n and shared else 0)
-        if score > best_score:
-            best, best_score = item, score
-    return Problem(p.loc, p.message, override=best) if best else Problem(p.loc, p.message, line=lines[loc])
-
-
 def _valid_parts(raw: dict) -> types.SimpleNamespace:
-    """Each top-level field validated on its own; invalid ones become _INVALID, so cross-checks on the valid
+    """Each top-level field validated on its own; invalid ones become INVALID, so cross-checks on the valid
     parts still run and every problem is reported in one go."""
     parts = {}
     raw = _empty_sections_to_defaults(raw)
     for name, field in Recipe.model_fields.items():
         if name not in raw:
-            parts[name] = _INVALID if field.is_required() else field.get_default(call_default_factory=True)
+            parts[name] = INVALID if field.is_required() else field.get_default(call_default_factory=True)
             continue
         try:
             parts[name] = TypeAdapter(field.annotation).validate_python(raw[name])
         except ValidationError:
-            parts[name] = _INVALID
+            parts[name] = INVALID
     return types.SimpleNamespace(**parts)
-
-
-def _dotted(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
-    return out or "(recipe)"
-
-
-def _annotation_at(loc: tuple):
-    """The type annotation of the field at loc, walking Recipe -> section -> list item; None if unknown."""
-    ann: Any = Recipe
-    for part in loc:
-        ann = _unwrap(ann)
-        if isinstance(part, int):
-            args = typing.get_args(ann) if typing.get_origin(ann) is list else ()
-            ann = args[0] if args else None
-        elif isinstance(ann, type) and issubclass(ann, BaseModel) and part in ann.model_fields:
-            ann = ann.model_fields[part].annotation
-        else:
-            return None
-    return ann
-
-
-def _unwrap(ann):
-    """Strip Optional: X | None -> X."""
-    if typing.get_origin(ann) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        return args[0] if len(args) == 1 else ann
-    return ann
-
-
-def _literal_values(ann) -> list[str]:
-    if ann is None:
-        return []
-    if typing.get_origin(ann) is Literal:
-        return [str(a) for a in typing.get_args(ann)]
-    return [v for a in typing.get_args(ann) for v in _literal_values(a)]
-
-
-def _message(err: dict) -> str:
-    """pydantic's error, reworded for a YAML author, with did-you-mean where it helps."""
-    kind, loc, ctx, got = err["type"], tuple(err["loc"]), err.get("ctx") or {}, err.get("input")
-    if kind == "extra_forbidden":
-        return _unknown_key(loc)
-    if kind == "missing":
-        return "required, not set"
-    if kind == "literal_error":
-        allowed = _literal_values(_annotation_at(loc))
-        close = difflib.get_close_matches(str(got), allowed, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"{got!r} is not one of {', '.join(allowed)}{hint}"
-    if kind in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
-        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}[kind]
-        bound = next(iter(ctx.values()))
-        return f"must be {op} {bound}, got {got!r}"
-    if kind in ("model_type", "dict_type", "model_attributes_type"):
-        return f"must be a section (a mapping of keys), got {got!r}"
-    if kind == "value_error":
-        return str(ctx.get("error", err["msg"]))
-    return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
-
-
-def _unknown_key(loc: tuple) -> str:
-    name, parent = str(loc[-1]), _unwrap(_annotation_at(loc[:-1]))
-    fields = list(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
-    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
-    if close:
-        return f"unknown key; did you mean {close[0]!r}?"
-    # The most common slip is the right key in the wrong section (train.lr for optim.lr).
-    elsewhere = [f"{sec}.{name}" for sec, cls in _SECTIONS.items() if name in cls.model_fields]
-    if elsewhere:
-        return f"unknown key here; did you mean {elsewhere[0]}?"
-    if len(loc) == 1:
-        return f"unknown section; the sections are: {', '.join(fields)}"
-    return f"unknown key; {_dotted(loc[:-1])} takes: {', '.join(fields)}"

@@ -368,7 +368,7 @@ def test_seq_len_too_short_for_the_images_warns(tmp_path):
 
 
 def test_raw_yaml_floats_without_dot_load_as_floats():
-    from medvl.config import _Loader
+    from medvl.config_yaml import Loader as _Loader
 
     assert yaml.load("a: 5e-6\nb: 1e5\nc: 1.0e-3\nd: e5", Loader=_Loader) == {"a": 5e-6, "b": 1e5, "c": 1e-3,
                                                                                  "d": "e5"}
