@@ -65,11 +65,50 @@ def test_freeze_language_model_freezes_its_head_too(tiny_dir, prepared_vqa, tmp_
     assert not torch.equal(before["model.visual.merger.mlp.0.weight"], after["model.visual.merger.mlp.0.weight"])
 
 
-def test_per_module_learning_rates_reach_the_optimizer(tiny_dir, prepared_vqa, tmp_path):
+def test_per_module_learning_rates_reach_the_optimizer(tiny_dir, prepared_vqa, tmp_path, monkeypatch):
+    import medvl.engine.train as engine
+
+    built = []
+    real = engine.build_optimizer
+    monkeypatch.setattr(engine, "build_optimizer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     res = train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", "optim.vision_lr=1e-5",
                        "optim.projector_lr=2e-4", "train.max_steps=2"))
-    lrs = {r["group"]: r["lr"] for r in res.table}
-    assert lrs == {"vision": 1e-5, "projector": 2e-4, "language": 1e-3, "head": 1e-3}
+    expected = {"vision": 1e-5, "projector": 2e-4, "language": 1e-3, "head": 1e-3}
+    # The optimizer itself: LambdaLR keeps each group's peak lr in initial_lr (group["lr"] is the scheduled one).
+    (optimizer,) = built
+    got: dict[str, set] = {}
+    for group in optimizer.param_groups:
+        got.setdefault(group["name"], set()).add(group["initial_lr"])
+    assert got == {g: {lr} for g, lr in expected.items()}
+    # Every trainable parameter is in exactly one group.
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len({id(p) for p in params}) == len(params)
+    assert sum(p.numel() for p in params) == sum(r["trainable"] for r in res.table)
+    assert {r["group"]: r["lr"] for r in res.table} == expected
+
+
+def test_cli_dry_run_prints_the_plan_and_trains_nothing(tiny_dir, prepared_vqa, tmp_path):
+    from typer.testing import CliRunner
+
+    from medvl.commands.main import app
+
+    out = tmp_path / "run"
+    args = ["train", "tiny_cpu", f"model.base={tiny_dir('qwen2.5-vl')}", f"data.train=[{prepared_vqa}]",
+            f"output.dir={out}", "optim.vision_lr=1e-5", "--dry-run"]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "# medvl resolved recipe" in res.output and "vision_lr: 1.0e-05" in res.output
+    assert "launch in this process (one process)" in res.output
+    assert "memory per GPU (estimate)" in res.output and "total per GPU (est.)" in res.output
+    assert all(group in res.output for group in ("vision", "projector", "language"))
+    assert not out.exists()  # a dry run writes nothing
+    res = CliRunner().invoke(app, [*args, "distributed.nproc=2", "distributed.strategy=ddp"],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "--nproc_per_node=2" in res.output and "torch.distributed.run" in res.output
+    # A bad key is a MedvlError (main() prints it as a panel, exit 2) before anything is loaded.
+    bad = CliRunner().invoke(app, [*args, "optim.lrr=1"], env={"COLUMNS": "200"})
+    assert isinstance(bad.exception, MedvlError) and "did you mean 'lr'" in str(bad.exception)
 
 
 def test_kill_and_resume_gives_identical_weights(tiny_dir, prepared_vqa, tmp_path):
