@@ -1,10 +1,11 @@
 # Two entry points for a newcomer: `make demo` and `make test`. Both create .venv on first use.
+# `make test` is the full suite CI runs; `make test-fast` skips the multi-process/long tests (@pytest.mark.slow).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench completions clean
+.PHONY: demo test test-fast bench completions clean
 
 # Reinstall when the dependency list changes; editable install, so code edits need nothing.
 $(STAMP): pyproject.toml
@@ -17,6 +18,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m tests.bench.run_all
