@@ -1,25 +1,13 @@
-"""Image loading (Pillow formats and DICOM) and the visual-token arithmetic of each model family."""
+"""Image loading (Pillow formats and DICOM), and prepare-data's visual-token count against the processor's."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from medvl.data.images import (
-    LLAVA_336_TOKENS,
-    PRESETS,
-    ResolutionPolicy,
-    internvl_tiles,
-    is_dicom,
-    load_frames,
-    load_image,
-    probe_image,
-    qwen_grid,
-    qwen_visual_tokens,
-    resolution_preset,
-    smart_resize,
-    visual_tokens,
-)
+from medvl.data.images import is_dicom, load_image, probe_image
 from medvl.errors import MedvlError
+
+from .conftest import VISION_FAMILIES
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
@@ -170,7 +158,7 @@ def test_multi_frame_policy_middle_first_index_and_all(tmp_path):
     middle = np.asarray(load_image(path))[1, 1, 0]
     assert middle == np.asarray(load_image(path, frame=2))[1, 1, 0] == 128  # frame 5 // 2 = 2, value 200
     assert np.asarray(load_image(path, frame="first"))[1, 1, 0] == 0
-    assert [np.asarray(f)[1, 1, 0] for f in load_frames(path)] == [0, 64, 128, 191, 255]
+    assert [np.asarray(load_image(path, frame=i))[1, 1, 0] for i in range(5)] == [0, 64, 128, 191, 255]
     with pytest.raises(MedvlError, match="frame 9 does not exist in a 5-frame file"):
         load_image(path, frame=9)
 
@@ -196,62 +184,26 @@ def test_undecodable_dicom_names_the_missing_codec():
 
 # ------------------------------------------------------------------------------------------ tokens
 
-
-ODD_SIZES = [(1, 1), (13, 977), (28, 28), (41, 42), (55, 57), (97, 211), (224, 224), (333, 500), (360, 420),
-             (420, 360), (511, 513), (719, 1279), (1000, 7), (1080, 1920), (2048, 2048), (3000, 4000),
-             (4096, 21), (6000, 6000), (14, 2790)]
+SIZES = [(13, 977), (41, 42), (97, 211), (360, 420), (719, 1279)]  # (height, width): odd sides and aspects
 
 
-def test_smart_resize_matches_transformers_qwen2vl_processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_resize
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_prepare_counts_the_tokens_the_processor_produces(family, tiny_dir):
+    """prepare-data measures a sample from image (width, height) alone; the trainer's encoding of real pixels
+    must be exactly that long, with a resolution preset set on Qwen-VL processors too."""
+    from medvl.config import RESOLUTION_PRESETS
+    from medvl.data.collate import encode_record, measure
+    from medvl.families import get_family
+    from medvl.models import apply_resolution, load_processor
 
-    from transformers import Qwen2VLImageProcessorPil
-
-    for preset in ("qwen-default", "huatuo", "qwen-finetune"):
-        p = PRESETS[preset]
-        for factor, patch in ((28, 14), (32, 16)):
-            proc = Qwen2VLImageProcessorPil(min_pixels=p.min_pixels, max_pixels=p.max_pixels, patch_size=patch)
-            for h, w in ODD_SIZES:
-                ours = smart_resize(h, w, factor=factor, min_pixels=p.min_pixels, max_pixels=p.max_pixels)
-                assert ours == hf_resize(h, w, factor=factor, min_pixels=p.min_pixels, max_pixels=p.max_pixels)
-                _, gh, gw = qwen_grid(h, w, p.with_factor(factor), patch=patch)
-                assert gh * gw == proc.get_number_of_image_patches(h, w), (preset, factor, h, w)
-    # and through the processor's real resize on actual pixels
-    proc = Qwen2VLImageProcessorPil(min_pixels=PRESETS["huatuo"].min_pixels, max_pixels=PRESETS["huatuo"].max_pixels)
-    pics = [Image.new("RGB", (w, h)) for h, w in [(41, 42), (97, 211), (360, 420), (511, 513), (13, 977)]]
-    grids = proc(images=pics, return_tensors="np")["image_grid_thw"].tolist()
-    assert grids == [list(qwen_grid(p.height, p.width, PRESETS["huatuo"])) for p in pics]
-
-
-def test_qwen_token_counts_and_presets():
-    assert qwen_visual_tokens(28, 28, PRESETS["qwen-default"]) == 4  # below min 3136 px -> 56x56 -> 4 tokens
-    # 420x360 is exactly the 151,200 px cap, but rounding 360 up to 364 overshoots it: shrink to 336 x 420.
-    assert PRESETS["huatuo"].resize(360, 420) == (336, 420)
-    assert qwen_visual_tokens(360, 420, PRESETS["huatuo"]) == (336 // 14) * (420 // 14) // 4 == 180
-    assert all(qwen_visual_tokens(h, w, PRESETS["huatuo"]) <= 151200 // 784 for h, w in ODD_SIZES[:-1])
-    assert visual_tokens("qwen3-vl", 1024, 1024) == (1024 // 16) ** 2 // 4  # 32-grid: 1024 stays 1024
-    assert visual_tokens("qwen2.5-vl", 1024, 1024, policy=PRESETS["huatuo"]) == 169  # 364 x 364 under the cap
-    with pytest.raises(MedvlError, match="does not match patch 16"):
-        qwen_visual_tokens(100, 100, PRESETS["qwen-default"], patch=16)
-    with pytest.raises(MedvlError, match="aspect ratio over 200"):
-        smart_resize(10, 2010, factor=28, min_pixels=3136, max_pixels=1 << 20)
-    assert resolution_preset("huatuo") == ResolutionPolicy(3136, 151200, 28)
-    with pytest.raises(MedvlError, match="unknown resolution preset"):
-        resolution_preset("huge")
-
-
-def test_llava_and_internvl_counts_match_transformers_tiling():
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
-
-    assert LLAVA_336_TOKENS == 576 and visual_tokens("llava", 1000, 20) == 576
-    assert internvl_tiles(448, 448) == 1 and visual_tokens("internvl", 448, 448) == 256
-    assert internvl_tiles(448, 896) == 3  # 2 x 1 tiles + thumbnail
-    assert internvl_tiles(1152, 897, max_tiles=6) == 7  # the InternVL docs example size
-    for h, w in ODD_SIZES + [(448, 1344), (896, 896), (100, 100), (5000, 400)]:
-        for max_tiles in (1, 6, 12):
-            cols, rows = get_optimal_tiled_canvas((h, w), (448, 448), 1, max_tiles)
-            n = cols * rows
-            assert internvl_tiles(h, w, max_tiles=max_tiles) == (n + 1 if n > 1 else n), (h, w, max_tiles)
-    with pytest.raises(MedvlError, match="no visual-token rule"):
-        visual_tokens("blip", 10, 10)
-
+    fam, proc = get_family(family), load_processor(tiny_dir(family))
+    apply_resolution(proc, fam, *RESOLUTION_PRESETS["huatuo"])
+    image_id = proc.tokenizer.convert_tokens_to_ids(fam.image_token)
+    for h, w in SIZES:
+        rec = {"id": "s", "messages": [{"role": "user", "content": "<image>what is this?"},
+                                       {"role": "assistant", "content": "a scan"}]}
+        _, n_tokens, visual = measure(rec, [(w, h)], proc, fam)
+        ids = encode_record(rec, [Image.new("RGB", (w, h))], proc, fam).input_ids
+        assert n_tokens == len(ids), (h, w)
+        # The count covers the image tokens plus InternVL's <img>...</img> wrapper (2 tokens).
+        assert visual == [ids.count(image_id) + (2 if family == "internvl" else 0)], (h, w)

@@ -1,4 +1,4 @@
-"""Opening medical images as 8-bit RGB, and counting the visual tokens a model family spends on them.
+"""Opening medical images as 8-bit RGB.
 
 Loading (`load_image`, `probe_image`):
 - PNG, JPEG, TIFF, BMP, WebP through Pillow. EXIF orientation is applied first, as transformers' `load_image`
@@ -14,28 +14,23 @@ Loading (`load_image`, `probe_image`):
   its lookup table) are scaled from their stored bit depth to 8 bits without windowing.
 - Multi-frame DICOM policy: `frame="middle"` (default) decodes only frame `n_frames // 2` (frame 15 of 30): one
   sample keeps one image per path, and the central slice or cine frame is the most representative single view.
-  `frame="first"` or an int picks another; `load_frames(path)` returns every frame for callers that want a
-  study expanded into several images (the record then needs one `<image>` per frame).
+  `frame="first"` or an int picks another.
 
-Token counts (`ResolutionPolicy`, `visual_tokens`): Qwen2-VL / Qwen2.5-VL resize with `smart_resize` on a
-28-pixel grid (patch 14 x merge 2) and spend (h/14)*(w/14)/4 tokens per image; Qwen3-VL uses patch 16 x merge 2 =
-32. LLaVA-1.5 (CLIP ViT-L/14-336) spends a fixed 576 = (336/14)^2. InternVL tiles into 448x448 tiles, 256 tokens
-each, plus a thumbnail tile whenever there is more than one tile. The counts are the image-pad tokens only; the
-wrapping tokens (`<|vision_start|>`/`<|vision_end|>`, `<img>`/`</img>`) come from the chat template.
+Visual-token counts are not computed here: prepare-data asks the model's own processor
+(`medvl.data.collate.visual_token_counts`, from each image's width and height alone), so the count is the one
+the processor will produce at training time, for every family and resolution setting.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from medvl.config import RESOLUTION_PRESETS
 from medvl.errors import MedvlError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom")
@@ -69,14 +64,6 @@ def load_image(path: str | Path, *, frame: str | int = "middle") -> Image.Image:
     if is_dicom(path):
         return _dicom_frame(path, frame)[0]
     return _open_pil(path)[0]
-
-
-def load_frames(path: str | Path) -> list[Image.Image]:
-    """Every frame of a multi-frame DICOM as RGB images; a one-frame file gives a one-item list."""
-    if not is_dicom(path):
-        return [_open_pil(path)[0]]
-    ds, n = _dicom_read(path)
-    return [_dicom_rgb(ds, i, n, path) for i in range(n)]
 
 
 def probe_image(path: str | Path, *, frame: str | int = "middle") -> ImageInfo:
@@ -260,118 +247,16 @@ def _apply_window(x: np.ndarray, c: float, w: float, function: str) -> np.ndarra
     return np.round(np.clip(y, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-# --------------------------------------------------------------------------------------------------- tokens
+# --------------------------------------------------------------------------------------------------- limits
 
-MAX_ASPECT_RATIO = 200  # Qwen-VL's smart_resize refuses anything longer
+MAX_ASPECT_RATIO = 200  # Qwen-VL's image processor (smart_resize) refuses anything longer
 
 
 @dataclass(frozen=True)
 class ResolutionPolicy:
-    """Pixel budget of the Qwen-VL resize: both sides a multiple of `factor`, area within [min, max]."""
+    """Pixel budget of the Qwen-VL resize: both sides a multiple of `factor`, area within [min, max]; its
+    presence on a CheckPolicy turns on the aspect-ratio refusal above."""
 
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 16384 * 28 * 28
     factor: int = 28
-
-    def resize(self, height: int, width: int) -> tuple[int, int]:
-        return smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels,
-                            max_pixels=self.max_pixels)
-
-    def with_factor(self, factor: int) -> ResolutionPolicy:
-        """Same pixel budget on another grid: 32 for Qwen3-VL (patch 16 x merge 2)."""
-        return replace(self, factor=factor)
-
-
-# The recipe presets (config.RESOLUTION_PRESETS, one table for recipes, the CLI and this module), plus the
-# Qwen2-VL / Qwen2.5-VL processor default: min 3,136 px, max 12,845,056 px (16,384 tokens).
-PRESETS: dict[str, ResolutionPolicy] = {
-    "qwen-default": ResolutionPolicy(4 * 28 * 28, 16384 * 28 * 28),
-    **{name: ResolutionPolicy(lo, hi) for name, (lo, hi) in RESOLUTION_PRESETS.items()},
-}
-
-
-def resolution_preset(name: str) -> ResolutionPolicy:
-    if name not in PRESETS:
-        raise MedvlError(f"unknown resolution preset {name!r}", fix=f"use one of {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
-def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen-VL's resize target (height, width). Same arithmetic, in the same order, as the Qwen2-VL image
-    processor, so float rounding agrees: round each side to the grid (Python's round: halves go to even),
-    then if the area is over `max_pixels` shrink by sqrt(area / max) flooring to the grid (never below one
-    cell), or if under `min_pixels` grow by sqrt(min / area) ceiling to the grid."""
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise MedvlError(
-            f"image is {width}x{height}: aspect ratio over {MAX_ASPECT_RATIO}, which Qwen-VL refuses",
-            fix="crop or pad the image",
-        )
-    h = round(height / factor) * factor
-    w = round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
-
-
-def qwen_grid(height: int, width: int, policy: ResolutionPolicy, *, patch: int = 14) -> tuple[int, int, int]:
-    """`image_grid_thw` for one image: (1, rows of patches, columns of patches)."""
-    h, w = policy.resize(height, width)
-    return 1, h // patch, w // patch
-
-
-def qwen_visual_tokens(height: int, width: int, policy: ResolutionPolicy, *, patch: int = 14,
-                       merge: int = 2) -> int:
-    if policy.factor != patch * merge:
-        raise MedvlError(f"resolution factor {policy.factor} does not match patch {patch} x merge {merge}",
-                         fix=f"use policy.with_factor({patch * merge})")
-    _, gh, gw = qwen_grid(height, width, policy, patch=patch)
-    return gh * gw // (merge * merge)
-
-
-LLAVA_336_TOKENS = (336 // 14) ** 2  # 576: CLIP ViT-L/14 at 336 px, CLS dropped ('patch' features)
-
-
-def internvl_tiles(height: int, width: int, *, tile: int = 448, min_tiles: int = 1, max_tiles: int = 12,
-                   thumbnail: bool = True) -> int:
-    """Tiles InternVL's dynamic tiling cuts an image into, thumbnail included.
-
-    Among grids (columns, rows) with min_tiles <= columns*rows <= max_tiles, ordered by tile count (then by
-    columns, as transformers' GotOcr2/InternVL processor orders them), pick the one whose aspect ratio is
-    closest to the image's; on an exact tie take the later (larger) grid while the image area exceeds half the
-    grid's area. A thumbnail tile is added whenever there is more than one tile.
-    """
-    grids = sorted(
-        ((c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if min_tiles <= c * r <= max_tiles),
-        key=lambda g: g[0] * g[1],
-    )
-    aspect, area = width / height, width * height
-    best, best_diff = (1, 1), float("inf")
-    for c, r in grids:
-        diff = abs(aspect - c / r)
-        if diff < best_diff:
-            best, best_diff = (c, r), diff
-        elif diff == best_diff and area > 0.5 * tile * tile * c * r:
-            best = (c, r)
-    n = best[0] * best[1]
-    return n + 1 if thumbnail and n != 1 else n
-
-
-def visual_tokens(kind: str, height: int, width: int, *, policy: ResolutionPolicy | None = None,
-                  max_tiles: int = 12) -> int:
-    """Image-pad tokens one image costs in a model family (see the module docstring for each rule)."""
-    if kind in ("qwen2-vl", "qwen2.5-vl"):
-        return qwen_visual_tokens(height, width, policy or PRESETS["qwen-default"], patch=14)
-    if kind == "qwen3-vl":
-        return qwen_visual_tokens(height, width, policy or PRESETS["qwen-default"].with_factor(32), patch=16)
-    if kind == "llava":
-        return LLAVA_336_TOKENS
-    if kind == "internvl":
-        return 256 * internvl_tiles(height, width, max_tiles=max_tiles)
-    raise MedvlError(f"no visual-token rule for {kind!r}",
-                     fix="use one of qwen2-vl, qwen2.5-vl, qwen3-vl, llava, internvl")
