@@ -42,7 +42,6 @@ class Family:
     model_types: tuple[str, ...]
     model_class: str  # transformers class name
     processor_class: str | None  # None: text-only, the tokenizer is the processor
-    image_processor_class: str | None  # the PIL backend class (works without torchvision)
     has_video_processor: bool  # its stock processor cannot be built without torchvision
     layout: Layout
     legacy_layout: Layout | None  # pre-4.52 checkpoints; None where the family is newer than that
@@ -88,7 +87,7 @@ _HF_VLM_LEGACY = Layout(vision=("vision_tower.",), projector=("multi_modal_proje
 FAMILIES: dict[str, Family] = {
     "qwen2-vl": Family(
         name="qwen2-vl", model_types=("qwen2_vl",), model_class="Qwen2VLForConditionalGeneration",
-        processor_class="Qwen2VLProcessor", image_processor_class="Qwen2VLImageProcessorPil",
+        processor_class="Qwen2VLProcessor",
         has_video_processor=True, layout=_QWEN_VL_LAYOUT, legacy_layout=_QWEN_VL_LEGACY,
         image_token="<|image_pad|>", end_of_turn=_CHATML_END, default_system=_QWEN_SYSTEM, mrope=True,
         extra={"vision_lora": ("qkv", "attn.proj", "fc1", "fc2"), "projector_lora": ("mlp.0", "mlp.2"),
@@ -96,7 +95,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen2.5-vl": Family(
         name="qwen2.5-vl", model_types=("qwen2_5_vl",), model_class="Qwen2_5_VLForConditionalGeneration",
-        processor_class="Qwen2_5_VLProcessor", image_processor_class="Qwen2VLImageProcessorPil",
+        processor_class="Qwen2_5_VLProcessor",
         has_video_processor=True, layout=_QWEN_VL_LAYOUT, legacy_layout=_QWEN_VL_LEGACY,
         image_token="<|image_pad|>", end_of_turn=_CHATML_END, default_system=_QWEN_SYSTEM, mrope=True,
         notes="HuatuoGPT-Vision-7B-Qwen2.5VL; the recipe this tool follows.",
@@ -105,7 +104,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3-vl": Family(
         name="qwen3-vl", model_types=("qwen3_vl",), model_class="Qwen3VLForConditionalGeneration",
-        processor_class="Qwen3VLProcessor", image_processor_class="Qwen2VLImageProcessorPil",
+        processor_class="Qwen3VLProcessor",
         has_video_processor=True,
         layout=Layout(vision=("model.visual.",),
                       projector=("model.visual.merger.", "model.visual.deepstack_merger_list."),
@@ -117,7 +116,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "llava": Family(
         name="llava", model_types=("llava",), model_class="LlavaForConditionalGeneration",
-        processor_class="LlavaProcessor", image_processor_class="CLIPImageProcessorPil",
+        processor_class="LlavaProcessor",
         has_video_processor=False, layout=_HF_VLM_LAYOUT, legacy_layout=_HF_VLM_LEGACY,
         image_token="<image>", end_of_turn=_CHATML_END, default_system=None,
         notes="transformers LlavaForConditionalGeneration (e.g. HuatuoGPT-Vision-7B-hf); end of turn follows "
@@ -127,7 +126,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "internvl": Family(
         name="internvl", model_types=("internvl",), model_class="InternVLForConditionalGeneration",
-        processor_class="InternVLProcessor", image_processor_class="GotOcr2ImageProcessorPil",
+        processor_class="InternVLProcessor",
         has_video_processor=True, layout=_HF_VLM_LAYOUT, legacy_layout=_HF_VLM_LEGACY,
         image_token="<IMG_CONTEXT>", end_of_turn=_CHATML_END, default_system=None,
         notes="transformers InternVLForConditionalGeneration (the -hf checkpoints), not the remote-code chat model.",
@@ -136,7 +135,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "causal-lm": Family(
         name="causal-lm", model_types=("qwen2", "qwen3", "llama"), model_class="AutoModelForCausalLM",
-        processor_class=None, image_processor_class=None, has_video_processor=False,
+        processor_class=None, has_video_processor=False,
         layout=Layout(vision=(), projector=(), language=("model.",)), legacy_layout=None,
         image_token=None, end_of_turn=_CHATML_END, default_system=None,
         notes="text-only medical dialogue SFT (DISC-MedLLM style); end of turn is read from the tokenizer's "

@@ -1,7 +1,7 @@
 """How long-running library functions report progress without knowing about any UI.
 
 The library calls a `ProgressSink`; the CLI hands in one that draws a rich progress bar (or prints plain lines
-when stdout is not a terminal), tests hand in `NullProgress` or a list-recording sink.
+when stdout is not a terminal), tests hand in `NullProgress` or a recording sink of their own (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -25,27 +25,6 @@ class NullProgress:
 
     def note(self, message: str) -> None:
         pass
-
-    def finish(self) -> None:
-        pass
-
-
-class RecordingProgress:
-    """Keeps every call; for tests and for callers that want the notes afterwards."""
-
-    def __init__(self) -> None:
-        self.tasks: list[tuple[str, int | None]] = []
-        self.advanced = 0
-        self.notes: list[str] = []
-
-    def start(self, task: str, total: int | None = None) -> None:
-        self.tasks.append((task, total))
-
-    def advance(self, n: int = 1) -> None:
-        self.advanced += n
-
-    def note(self, message: str) -> None:
-        self.notes.append(message)
 
     def finish(self) -> None:
         pass

@@ -88,3 +88,24 @@ def prepared_text(tmp_path_factory):
 def data_for(prepared_vqa, prepared_text):
     """data_for(family): a prepared set the family can train on (text-only models get text-only data)."""
     return lambda family: prepared_text if family == "causal-lm" else prepared_vqa
+
+
+class RecordingProgress:
+    """A ProgressSink that keeps every call, for asserting on what a library function reported."""
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[str, int | None]] = []
+        self.advanced = 0
+        self.notes: list[str] = []
+
+    def start(self, task: str, total: int | None = None) -> None:
+        self.tasks.append((task, total))
+
+    def advance(self, n: int = 1) -> None:
+        self.advanced += n
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+    def finish(self) -> None:
+        pass

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from medvl.data.containers import iter_json_array, iter_jsonl
-from medvl.data.formats import MCQ_SUFFIX, ReadOptions, detect_format, read_file
+from medvl.data.formats import FORMATS, MCQ_SUFFIX, ReadOptions, read_file
 from medvl.data.schema import Record, Rejection
 from medvl.errors import MedvlError
 
@@ -32,6 +32,21 @@ def _png(path, size=(40, 30)):
 
 def _read(path, fmt=None, **options):
     return list(read_file(path, fmt, options=ReadOptions(**options)))
+
+
+def detect_format(path):
+    """The format read_file picks on its own: the one named format whose output it equals, exactly."""
+    auto = _read(path)
+    found = [fmt for fmt in FORMATS if _read_or_none(path, fmt) == auto]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _read_or_none(path, fmt):
+    try:
+        return _read(path, fmt)
+    except MedvlError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------ sharegpt family

@@ -33,7 +33,7 @@ def test_round_trip_is_one_readable_line_in_documented_key_order():
     assert list(obj) == ["id", "source", "images", "image_root", "messages", "meta"]
     assert obj["messages"][0] == {"role": "system", "content": "你是一名放射科医生。"}  # no train key off assistant
     assert obj["messages"][2]["train"] is True and obj["messages"][4]["train"] is False
-    back = Record.from_json(line)
+    back = Record.from_dict(json.loads(line))
     assert back == _record()
     assert back.placeholder_count() == 2
     assert back.location == "/data/pmv/a.json[3]"
@@ -62,13 +62,11 @@ def test_validator_reports_every_problem_at_once():
     assert shape_problems(json.loads(_record().to_json())) == []
 
 
-def test_from_json_raises_medvl_error_with_location():
-    with pytest.raises(MedvlError) as e:
-        Record.from_json('{"id": "x"', where="shard-0.jsonl:12")
-    assert e.value.where == "shard-0.jsonl:12" and "not valid JSON" in e.value.what
-    with pytest.raises(MedvlError, match="`messages` must be a non-empty list"):
-        Record.from_json(json.dumps({"id": "a", "source": "s", "images": [], "image_root": None, "meta": {},
-                                     "messages": []}))
+def test_from_dict_raises_medvl_error_with_location():
+    with pytest.raises(MedvlError, match="`messages` must be a non-empty list") as e:
+        Record.from_dict({"id": "a", "source": "s", "images": [], "image_root": None, "meta": {}, "messages": []},
+                         where="shard-0.jsonl:12")
+    assert e.value.where == "shard-0.jsonl:12"
 
 
 def test_rejection_codes_are_an_explicit_list():

@@ -16,8 +16,8 @@ from medvl.errors import MedvlError
 from medvl.evaluate import SUITES
 from medvl.evaluate.generate import PARTIAL, Generator
 from medvl.evaluate.run import evaluate
-from medvl.progress import RecordingProgress
 
+from .conftest import RecordingProgress
 from .test_eval_generate import one_torch_thread, write_eval_bundle  # noqa: F401 (autouse fixture)
 
 SIX = "vqa-rad,slake,pmc-vqa,omnimedvqa,mmmu-medical,pathvqa"

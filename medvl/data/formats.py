@@ -143,16 +143,6 @@ def _is_internvl_meta(obj: Any) -> bool:
         isinstance(v, dict) and "annotation" in v for v in obj.values())
 
 
-def detect_format(path: str | Path) -> str:
-    path = Path(path)
-    for location, _, raw in iter_raw(path):
-        if _container(path) == "object" and _is_internvl_meta(raw):
-            return "internvl-meta"
-        if isinstance(raw, dict):
-            return detect_record_format(raw, where=location)
-    raise MedvlError("no samples in the file to detect its format from", where=str(path))
-
-
 # --------------------------------------------------------------------------------------------- reading
 
 

@@ -134,14 +134,6 @@ class Record:
         ]
         return cls(obj["id"], obj["source"], list(obj["images"]), messages, obj["image_root"], dict(obj["meta"]))
 
-    @classmethod
-    def from_json(cls, line: str, *, where: str | None = None) -> Record:
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MedvlError(f"not valid JSON: {e.msg} at column {e.colno}", where=where) from None
-        return cls.from_dict(obj, where=where)
-
 
 def shape_problems(obj: Any) -> list[str]:
     """Every way `obj` (a parsed JSON line) differs from the normalized shape; [] when it conforms."""

@@ -20,12 +20,6 @@ def lr_multiplier(step: int, *, total: int, warmup: int, kind: str = "cosine", f
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def warmup_steps(total: int, *, ratio: float | None, steps: int | None) -> int:
-    if steps is not None:
-        return min(steps, total)
-    return int(math.ceil(total * (ratio or 0.0)))
-
-
 def build_optimizer(groups: list[dict], *, betas=(0.9, 0.999), eps: float = 1e-8):
     import torch
 
