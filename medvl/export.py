@@ -237,7 +237,7 @@ def checkpoint_state_dict(ckpt: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # the export
 
-@dataclass
+@dataclass(kw_only=True)
 class Parity:
     dtype: str
     prompt_tokens: int
@@ -414,11 +414,14 @@ def verify_export(path: Path, family: Family, dtype: str, inputs: dict, pre: tup
     different = sorted(k for k in hashes if got.get(k) != hashes[k]) + sorted(set(got) - set(hashes))
     logits, tokens = run_probe(model, again, max_new_tokens)
     image_id = getattr(model.config, "image_token_id", None)
-    parity = Parity(dtype, int(inputs["input_ids"].shape[1]),
-                    int((inputs["input_ids"] == image_id).sum()) if image_id is not None else 0,
-                    float((logits - rounded[0]).abs().max()), LOGITS_TOL, merge_diff,
-                    float((logits - pre[0]).abs().max()), float(pre[0].abs().max()), list(pre[1]),
-                    list(rounded[1]), list(tokens), len(hashes), different)
+    parity = Parity(
+        dtype=dtype, prompt_tokens=int(inputs["input_ids"].shape[1]),
+        image_tokens=int((inputs["input_ids"] == image_id).sum()) if image_id is not None else 0,
+        logits_max_abs_diff=float((logits - rounded[0]).abs().max()), tolerance=LOGITS_TOL,
+        merge_max_abs_diff=merge_diff, pre_export_max_abs_diff=float((logits - pre[0]).abs().max()),
+        logits_scale=float(pre[0].abs().max()), generated_pre_export=list(pre[1]),
+        generated_rounded=list(rounded[1]), generated_export=list(tokens), tensors_checked=len(hashes),
+        tensors_different=different)
     problems = []
     if different:
         problems.append(f"{len(different)} of {len(hashes)} tensors differ from the model in memory "

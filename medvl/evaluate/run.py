@@ -31,7 +31,7 @@ BUNDLE_NAME = "medical_multimodel_evaluation_data.json"  # sic: upstream spells 
 SHOW_PROBLEMS = 20  # image problems listed in the error; the rest are counted
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalRun:
     out_dir: Path
     predictions: Path
@@ -195,6 +195,8 @@ def evaluate(model: str | Path | None, data: str | Path, suites: str | list[str]
         write_predictions(predictions, scores)
         write_results(results, scores, eval_set, meta=meta)
     dist.barrier()
-    return EvalRun(out_dir, predictions, results, scores, rows, eval_set, target, dec, len(generated),
-                   len(answers.cached), time.perf_counter() - t0,
-                   len(generated) / seconds if generated and seconds > 0 else 0.0, dist.world, is_main, notes)
+    return EvalRun(out_dir=out_dir, predictions=predictions, results=results, scores=scores, rows=rows,
+                   eval_set=eval_set, target=target, decoding=dec, generated=len(generated),
+                   cached=len(answers.cached), wall_s=time.perf_counter() - t0,
+                   questions_per_s=len(generated) / seconds if generated and seconds > 0 else 0.0,
+                   world_size=dist.world, is_main=is_main, notes=notes)
