@@ -16,10 +16,9 @@ EXAMPLES = """[bold]Examples[/]
   medvl export runs/sft/checkpoints/step-000400 --out models/step400     [dim]# incl. DeepSpeed ZeRO shards[/]
   medvl export adapter-dir --base Qwen2.5-VL-7B-Instruct --out merged"""
 
-DTYPES = ("bf16", "fp16", "fp32")
-
-
 def complete_dtype(incomplete: str) -> list[str]:
+    from medvl.models import DTYPES  # light: the table lives with model loading
+
     return [d for d in DTYPES if d.startswith(incomplete)]
 
 

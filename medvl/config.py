@@ -41,6 +41,7 @@ from medvl.config_checks import INVALID, CrossCheckError, cross_check, recipe_su
 from medvl.config_yaml import Dumper, Problem, YamlSyntax, apply_overrides, place, read_yaml, reword
 from medvl.errors import MedvlError
 from medvl.families import FAMILY_NAMES
+from medvl.models import DTYPES
 
 __all__ = [
     "RESOLUTION_PRESETS", "DataSection", "DataSource", "DistributedSection", "EvalSection", "FreezeSection",
@@ -51,7 +52,7 @@ __all__ = [
 
 # The family names come from the family table (medvl/families.py), the one list of supported families.
 FamilyName = Literal[FAMILY_NAMES]  # type: ignore[valid-type]
-DType = Literal["bf16", "fp16", "fp32"]
+DType = Literal[tuple(DTYPES)]  # type: ignore[valid-type]
 Method = Literal["full", "lora", "qlora"]
 Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"]
 Suite = Literal["vqa-rad", "slake", "pathvqa", "pmc-vqa", "omnimedvqa", "mmmu-medical"]

@@ -63,7 +63,7 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * base ** power)
 
 
-def probe_image():
+def synthetic_image():
     """A deterministic 64 x 64 RGB image (two gradients and a flat channel): 4 visual tokens on the tiny Qwen-VL
     processors, a real but cheap image for any processor."""
     from PIL import Image
@@ -78,7 +78,7 @@ def probe_inputs(processor, family: Family) -> dict:
     if family.is_vision:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROBE_QUESTION}]}]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return dict(processor(text=[text], images=[probe_image()], return_tensors="pt"))
+        return dict(processor(text=[text], images=[synthetic_image()], return_tensors="pt"))
     messages = [{"role": "user", "content": PROBE_QUESTION}]
     text = (processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             if processor.chat_template else PROBE_QUESTION)
@@ -373,11 +373,11 @@ def _logits(model, inputs):
 def tensor_hashes(model, dtype=None) -> dict[str, str]:
     """sha256 of every tensor's bytes (in `dtype` if given): equality means bit-identical weights, without
     keeping a second copy of the model."""
-    return {name: _sha(t if dtype is None or not t.is_floating_point() else t.to(dtype))
+    return {name: _tensor_sha256(t if dtype is None or not t.is_floating_point() else t.to(dtype))
             for name, t in model.state_dict().items()}
 
 
-def _sha(t) -> str:
+def _tensor_sha256(t) -> str:
     import torch
 
     t = t.detach().contiguous().cpu()

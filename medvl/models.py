@@ -15,7 +15,7 @@ from pathlib import Path
 from medvl.errors import MedvlError
 from medvl.families import Family, detect_family, get_family
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # medvl name -> torch name; the one table
 
 
 def tokenizer_of(processor):

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from medvl.data.schema import IMAGE_PLACEHOLDER
 from medvl.families import Family
 from medvl.models import tokenizer_of
 
 IGNORE = -100
-PLACEHOLDER = "<image>"
 # Keys whose second dimension is the token sequence; everything else the processor returns is per image.
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -67,7 +67,7 @@ def to_template_messages(messages: list[dict], vision: bool) -> list[dict]:
             out.append({"role": m["role"], "content": m["content"]})
             continue
         blocks = []
-        for i, part in enumerate(m["content"].split(PLACEHOLDER)):
+        for i, part in enumerate(m["content"].split(IMAGE_PLACEHOLDER)):
             if i:
                 blocks.append({"type": "image"})
             if part:
@@ -162,7 +162,7 @@ def encode_record(record: dict, images: list, processor, family: Family, *, loss
             kept = messages[:cut]
             if not trained_turns(kept, loss_mask):
                 break
-            n_img = sum(m["content"].count(PLACEHOLDER) for m in kept)
+            n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in kept)
             enc = _encode_once(kept, images[:n_img], processor, family, loss_mask, sample_id)
             if max_seq_len is None or len(enc) <= max_seq_len:
                 enc.dropped_turns = len(messages) - cut
@@ -296,7 +296,7 @@ def measure(record: dict, image_sizes: list[tuple[int, int]], processor, family:
             if not trained_turns(kept, loss_mask):
                 break
             text = processor.apply_chat_template(to_template_messages(kept, family.is_vision), tokenize=False)
-            n_img = sum(m["content"].count(PLACEHOLDER) for m in kept)
+            n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in kept)
             n = len(tok(text, add_special_tokens=False)["input_ids"]) - n_img + sum(visual[:n_img])
             if max_seq_len is None or n <= max_seq_len:
                 return kept, n, visual[:n_img]

@@ -123,7 +123,7 @@ def epoch_batches(lengths, *, seed: int, epoch: int, micro_batch: int, pack_budg
 
 
 @dataclass
-class Plan:
+class BatchPlan:
     """Which micro-batch each rank takes at each optimizer step, across epochs, resumable by step."""
 
     lengths: list[int]
@@ -163,7 +163,7 @@ class Plan:
 class StepBatchSampler:
     """A torch batch sampler over the plan, from a start step: DataLoader workers then encode ahead."""
 
-    def __init__(self, plan: Plan, rank: int, start_step: int, total_steps: int):
+    def __init__(self, plan: BatchPlan, rank: int, start_step: int, total_steps: int):
         self.plan, self.rank, self.start, self.total = plan, rank, start_step, total_steps
 
     def __iter__(self):

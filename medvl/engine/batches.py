@@ -11,7 +11,7 @@ from medvl.errors import MedvlError
 
 
 def build_data(recipe, family, processor, accelerator):
-    from medvl.data.dataset import EncodedDataset, Plan as BatchPlan, index_prepared
+    from medvl.data.dataset import BatchPlan, EncodedDataset, index_prepared
 
     index = index_prepared([s.path for s in recipe.data.train])
     dataset = EncodedDataset(index, processor, family, loss_mask=recipe.data.loss_mask,

@@ -1,6 +1,6 @@
 """The one training loop: alignment and instruction tuning, full or LoRA, one CPU process to many GPUs.
 
-    result = train(load_recipe("tiny_cpu"), sink=ListSink())
+    result = train(load_recipe("tiny_cpu"), sinks=[ListSink()])
 
 Reads top to bottom: set up accelerate -> load model and processor -> decide what trains -> index the data and
 plan the batches -> optimizer and schedule -> resume -> loop -> save. The pieces live beside it: setup.py
@@ -251,10 +251,10 @@ def _memory_gb(accelerator) -> float:
 
 def _trainer_state(step, accelerator, recipe) -> dict:
     return {"step": step, "world_size": accelerator.num_processes, "global_batch": recipe.global_batch,
-            "recipe_sha256": _sha(recipe)}
+            "recipe_sha256": _recipe_sha256(recipe)}
 
 
-def _sha(recipe) -> str:
+def _recipe_sha256(recipe) -> str:
     import hashlib
 
     return hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16]
