@@ -24,18 +24,20 @@ def train(
     """Train a model: alignment or instruction tuning, full or LoRA, on CPU, one GPU or many."""
     from medvl.config import load_recipe
 
+    from medvl.commands.worker import MODULE as worker
+
     r = load_recipe(recipe, overrides or [])
     if dry_run:
         from medvl.commands.ui import render_dry_run
         from medvl.engine.dryrun import plan_run
 
-        render_dry_run(plan_run(r))
+        render_dry_run(plan_run(r, worker=worker))
         return
     from medvl.engine.launch import needs_launch, run_launched
 
     if needs_launch(r):
         console.print(f"[dim]launching {r.world_size} processes ({r.distributed.strategy})[/]")
-        code = run_launched(r, resume)
+        code = run_launched(r, resume, worker=worker)
         if code:
             raise typer.Exit(code)
         return

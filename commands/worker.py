@@ -10,9 +10,11 @@ import argparse
 import os
 import sys
 
+MODULE = "medvl.commands.worker"  # what `medvl train` tells the library to launch (python -m MODULE)
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medvl.commands.worker")
+    parser = argparse.ArgumentParser(prog=MODULE)
     parser.add_argument("recipe")
     parser.add_argument("--resume", default=None)
     args = parser.parse_args(argv)

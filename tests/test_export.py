@@ -197,13 +197,14 @@ def test_deepspeed_zero3_checkpoint_is_consolidated(tiny_dir, prepared_text, tmp
     from safetensors.torch import load_file
 
     from medvl.config import load_recipe
+    from medvl.commands.worker import MODULE as worker
     from medvl.engine.launch import run_launched
 
     r = load_recipe("tiny_cpu", [f"model.base={tiny_dir('causal-lm')}", f"data.train=[{prepared_text}]",
                                  f"output.dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_every=2",
                                  "train.eval_every=null", "data.val_fraction=null", "train.micro_batch_size=4",
                                  "distributed.nproc=2", "distributed.strategy=deepspeed-zero3"])
-    assert run_launched(r) == 0
+    assert run_launched(r, worker=worker) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
     assert list((ckpt / "pytorch_model").glob("zero_pp_rank_1_*model_states.pt"))
     assert not (ckpt / "model.safetensors").exists()

@@ -105,7 +105,7 @@ def test_cli_dry_run_prints_the_plan_and_trains_nothing(tiny_dir, prepared_vqa, 
     res = CliRunner().invoke(app, [*args, "distributed.nproc=2", "distributed.strategy=ddp"],
                              env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
-    assert "--nproc_per_node=2" in res.output and "torch.distributed.run" in res.output
+    assert "--nproc_per_node=2" in res.output and "-m medvl.commands.worker" in res.output
     # A bad key is a MedvlError (main() prints it as a panel, exit 2) before anything is loaded.
     bad = CliRunner().invoke(app, [*args, "optim.lrr=1"], env={"COLUMNS": "200"})
     assert isinstance(bad.exception, MedvlError) and "did you mean 'lr'" in str(bad.exception)
@@ -161,11 +161,12 @@ def test_packing_trains(tiny_dir, prepared_vqa, tmp_path):
 
 
 def _launched(tiny, data, out, strategy):
+    from medvl.commands.worker import MODULE as worker
     from medvl.engine.launch import run_launched
 
     r = recipe(tiny, data, out, "train.max_steps=6", "train.save_every=3", "distributed.nproc=2",
                f"distributed.strategy={strategy}")
-    assert run_launched(r) == 0
+    assert run_launched(r, worker=worker) == 0
     events = [json.loads(line) for line in open(out / "metrics.jsonl")]
     start = next(e for e in events if e["kind"] == "start")
     return start, [e["loss"] for e in events if e["kind"] == "train"]
@@ -266,13 +267,14 @@ def test_text_only_micro_batches_under_ddp_and_zero3(strategy, tiny_dir, half_te
     keepalive row existed). Losses follow the single-process run: equal while every step saw an image, then
     within 1e-2, because a step whose window holds no image leaves vision gradients None in one process (AdamW
     skips them) but zero under DDP (AdamW still applies momentum)."""
+    from medvl.commands.worker import MODULE as worker
     from medvl.engine.launch import run_launched
 
     tiny = tiny_dir("qwen2.5-vl")
     common = ["train.max_steps=4", "train.micro_batch_size=1"]
     ref = train(recipe(tiny, half_text, tmp_path / "single", *common, "train.grad_accum=2"))
     r = recipe(tiny, half_text, tmp_path / "run", *common, "distributed.nproc=2", f"distributed.strategy={strategy}")
-    assert run_launched(r) == 0
+    assert run_launched(r, worker=worker) == 0
     events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert next(e for e in events if e["kind"] == "start")["world_size"] == 2
     losses = [e["loss"] for e in events if e["kind"] == "train"]

@@ -40,7 +40,8 @@ def _meta_model(recipe, family):
         return cls._from_config(config), config
 
 
-def plan_run(recipe) -> DryRun:
+def plan_run(recipe, *, worker: str) -> DryRun:
+    """The dry run of a recipe; `worker` is the module each launched process runs (see engine/launch.py)."""
     from medvl.config import recipe_to_yaml
     from medvl.engine.launch import launch_command, needs_launch
     from medvl.engine.params import apply_plan, rows_as_dicts, trainability
@@ -55,7 +56,7 @@ def plan_run(recipe) -> DryRun:
     table = rows_as_dicts(trainability(model, family, plan))
     launch = None
     if recipe.world_size > 1 or needs_launch(recipe):
-        launch = launch_command(recipe, Path(recipe.output.dir) / "launch-recipe.yaml")
+        launch = launch_command(recipe, Path(recipe.output.dir) / "launch-recipe.yaml", worker=worker)
     memory = estimate_memory(recipe, table, config)
     return DryRun(family.name, recipe_to_yaml(recipe), launch, table, memory)
 

@@ -1,6 +1,7 @@
 """Turning a recipe into processes: one in-process run, or torchrun with the standard multi-node arguments.
 
-Every worker runs `python -m medvl.commands.worker RESOLVED.yaml`; the resolved recipe (overrides applied) is
+Every worker runs `python -m WORKER RESOLVED.yaml`, WORKER being the module the caller names (the CLI passes
+`medvl.commands.worker`: the library never names the command layer); the resolved recipe (overrides applied) is
 written into the run directory first, so all ranks and all nodes train exactly the same thing. DDP, DeepSpeed
 and FSDP are configured inside the worker (accelerate plugins), so the launch line is the same for all three.
 """
@@ -21,14 +22,15 @@ def needs_launch(recipe) -> bool:
     return recipe.world_size > 1 and not in_launched_process()
 
 
-def launch_command(recipe, recipe_file: Path, resume: str | None = None) -> list[str]:
+def launch_command(recipe, recipe_file: Path, resume: str | None = None, *, worker: str) -> list[str]:
+    """The torchrun line that starts `python -m worker recipe_file` on every rank of this node."""
     d = recipe.distributed
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={d.nproc}", f"--nnodes={d.nnodes}"]
     if d.nnodes > 1:
         cmd += [f"--node_rank={d.node_rank}", f"--master_addr={d.master_addr}", f"--master_port={d.master_port}"]
     else:
         cmd += ["--standalone"] if d.master_port == 29500 else [f"--master_port={d.master_port}"]
-    cmd += ["-m", "medvl.commands.worker", str(recipe_file)]
+    cmd += ["-m", worker, str(recipe_file)]
     if resume:
         cmd += ["--resume", resume]
     return cmd
@@ -44,11 +46,12 @@ def write_launch_recipe(recipe) -> Path:
     return path
 
 
-def run_launched(recipe, resume: str | None = None, *, env: dict | None = None) -> int:
-    """Start the worker processes and wait; returns the launcher's exit code."""
+def run_launched(recipe, resume: str | None = None, *, worker: str, env: dict | None = None) -> int:
+    """Start the worker processes (`python -m worker`, see the module docstring) and wait; returns the
+    launcher's exit code."""
     import subprocess
 
-    cmd = launch_command(recipe, write_launch_recipe(recipe), resume)
+    cmd = launch_command(recipe, write_launch_recipe(recipe), resume, worker=worker)
     full_env = dict(os.environ, **(env or {}))
     full_env.setdefault("OMP_NUM_THREADS", "1" if recipe.train.device == "cpu" else full_env.get("OMP_NUM_THREADS", "4"))
     return subprocess.call(cmd, env=full_env)
