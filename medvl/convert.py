@@ -36,19 +36,17 @@ How, in order:
 from __future__ import annotations
 
 import gc
-import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from medvl.errors import MedvlError
-from medvl.export import PROBE_TEXT, is_big, parse_size, probe_inputs, run_probe
 from medvl.families import Family, Layout, detect_family, detect_layout
+from medvl.probe import LOGITS_TOL, PROBE_TEXT, is_big, probe_inputs, run_probe
 from medvl.progress import NullProgress
+from medvl.shards import Weights, parse_size, write_streamed
 
-LOGITS_TOL = 1e-4
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "head_dim")
 MATH_KEYS = ("rope_parameters", "rms_norm_eps", "max_position_embeddings", "hidden_act", "sliding_window",
@@ -61,7 +59,6 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
                    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
                    "generation_config.json")
-_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 @dataclass
@@ -100,46 +97,6 @@ class ConvertResult:
     image_tokens: int
     image_generated: str
     seconds: float
-
-
-class Weights:
-    """The safetensors tensors of a save_pretrained directory (one file or shards + index), memory-mapped."""
-
-    def __init__(self, root: Path, label: str):
-        index = root / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (root / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise MedvlError(f"no safetensors weights in {root} ({label})", where=str(root),
-                             fix="re-save the model with save_pretrained (safetensors); .bin files are not read")
-        self._handles: dict[Path, object] = {}
-        self.file, self.shape, self.dtype = {}, {}, {}
-        for name in files:
-            handle = self._open(root / name)
-            for key in handle.keys():
-                sl = handle.get_slice(key)
-                self.file[key], self.shape[key], self.dtype[key] = root / name, tuple(sl.get_shape()), sl.get_dtype()
-
-    def _open(self, path: Path):
-        if path not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path]
-
-    def get(self, name: str):
-        return self._open(self.file[name]).get_tensor(name)
-
-    def rows(self, name: str, start: int, stop: int):
-        """Rows start:stop of a tensor, read without loading the rest (an embedding of a 7B model is ~1 GB)."""
-        return self._open(self.file[name]).get_slice(name)[start:stop]
-
-    def torch_dtype(self, name: str):
-        import torch
-
-        return getattr(torch, _DTYPES.get(self.dtype[name], "float32"))
 
 
 def rename(name: str, src: Layout, dst: Layout) -> str:
@@ -318,45 +275,23 @@ def write_shards(tmp: Path, plan: list[_Out], vw: Weights, lw: Weights, vocab: V
                  progress) -> tuple[int, int]:
     """Write the planned tensors as safetensors shards (+ index when more than one); returns (shards, bytes)."""
     import torch
-    from safetensors.torch import save_file
 
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    groups, size = [[]], 0
-    for entry in plan:
-        n = math.prod(entry.shape) * itemsize
-        if groups[-1] and size + n > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += n
-    names = (["model.safetensors"] if len(groups) == 1 else
-             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
-    weight_map, total = {}, 0
     vl_idx = torch.tensor(vocab.from_vl, dtype=torch.long)
-    progress.start("writing weights", len(plan))
-    for fname, group in zip(names, groups):
-        tensors = {}
-        for e in group:
-            if e.vl_rows_src is not None:  # vocabulary rows from both models
-                t = torch.empty(e.shape, dtype=dtype)
-                n = min(vocab.llm_rows, vocab.rows)
-                t[:n] = lw.get(e.src)[:n]
-                if len(vl_idx):
-                    lo, hi = vocab.from_vl[0], vocab.from_vl[-1] + 1
-                    t[vl_idx] = vw.rows(e.vl_rows_src, lo, hi)[vl_idx - lo].to(dtype)
-            else:
-                t = (lw if e.source == "llm" else vw).get(e.src).to(dtype)
-            tensors[e.name] = t.contiguous()
-            weight_map[e.name] = fname
-            total += t.numel() * itemsize
-        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-        progress.advance(len(group))
-        del tensors
-    progress.finish()
-    if len(groups) > 1:
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return len(groups), total
+    entries = {e.name: e for e in plan}
+
+    def build(name: str):
+        e = entries[name]
+        if e.vl_rows_src is None:
+            return (lw if e.source == "llm" else vw).get(e.src).to(dtype)
+        t = torch.empty(e.shape, dtype=dtype)  # vocabulary rows from both models
+        n = min(vocab.llm_rows, vocab.rows)
+        t[:n] = lw.get(e.src)[:n]
+        if len(vl_idx):
+            lo, hi = vocab.from_vl[0], vocab.from_vl[-1] + 1
+            t[vl_idx] = vw.rows(e.vl_rows_src, lo, hi)[vl_idx - lo].to(dtype)
+        return t
+
+    return write_streamed(tmp, {e.name: (e.shape, dtype) for e in plan}, build, max_bytes, progress)
 
 
 def copy_processor_files(vl: Path, tmp: Path) -> list[str]:

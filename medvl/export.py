@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import io
 import json
 import re
@@ -41,60 +40,10 @@ from pathlib import Path
 from medvl.errors import MedvlError
 from medvl.families import Family, detect_family
 from medvl.models import tokenizer_of
+from medvl.probe import LOGITS_TOL, is_big, probe_inputs, prompt_logits, run_probe, tensor_hashes
 from medvl.progress import NullProgress
+from medvl.shards import parse_size
 
-LOGITS_TOL = 1e-4  # fp32 compute, same weights: measured 0.0-5e-6 (merging reorders the LoRA sums)
-PROBE_QUESTION = "What is the modality of this image? Please describe this picture."
-PROBE_TEXT = "The patient presents with fever and cough. Is there a pleural effusion? No."
-
-
-# ---------------------------------------------------------------------------------------------------------
-# shared with medvl.convert: sizes, the probe image and prompt, running a probe
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000 (decimal units, as transformers' max_shard_size), '2GiB' -> 2 * 2**30."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
-    if not m or (not m.group(2) and m.group(3)):
-        raise MedvlError(f"cannot read the size '{text}'", fix="write it like 5GB, 500MB or 2GiB")
-    base = 1024 if m.group(3) else 1000
-    power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * base ** power)
-
-
-def synthetic_image():
-    """A deterministic 64 x 64 RGB image (two gradients and a flat channel): 4 visual tokens on the tiny Qwen-VL
-    processors, a real but cheap image for any processor."""
-    from PIL import Image
-
-    ramp = Image.linear_gradient("L").resize((64, 64))
-    return Image.merge("RGB", [ramp, ramp.rotate(90), Image.new("L", (64, 64), 128)])
-
-
-def probe_inputs(processor, family: Family) -> dict:
-    """The verification prompt through the checkpoint's own chat template: one image and a question for a VLM,
-    the question alone for a text model."""
-    if family.is_vision:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROBE_QUESTION}]}]
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return dict(processor(text=[text], images=[synthetic_image()], return_tensors="pt"))
-    messages = [{"role": "user", "content": PROBE_QUESTION}]
-    text = (processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            if processor.chat_template else PROBE_QUESTION)
-    return dict(processor([text], return_tensors="pt"))
-
-
-def run_probe(model, inputs: dict, max_new_tokens: int) -> tuple:
-    """(fp32 logits of the prompt [T, V], greedily generated token ids) in the model's own dtype."""
-    import torch
-
-    dtype = next(model.parameters()).dtype
-    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-    with torch.no_grad():
-        logits = model(**inputs).logits[0].float()
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-    return logits, out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,7 +254,7 @@ def export(source: str | Path, out: str | Path, *, dtype: str = "bf16", max_shar
     merge_diff = None
     if _is_peft(model):  # a LoRA run (its final adapter or a step checkpoint)
         model = model.merge_and_unload()
-        merge_diff = float((_logits(model, inputs) - pre[0]).abs().max())
+        merge_diff = float((prompt_logits(model, inputs) - pre[0]).abs().max())
         if not merge_diff < LOGITS_TOL:
             raise MedvlError(f"merging the LoRA adapter changed the logits by {merge_diff:.3g} (fp32, limit "
                              f"{LOGITS_TOL:g})", where=str(src.path), fix="report this as a medvl bug")
@@ -352,39 +301,10 @@ def carry_video_config(path: Path, src: Source) -> None:
             return
 
 
-def is_big(model) -> bool:
-    """Worth a gc.collect after `del` (which costs ~0.25 s in a process holding many objects): above 256 MB."""
-    return sum(p.numel() * p.element_size() for p in model.parameters()) > 256 * 2**20
-
-
 def _is_peft(model) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
-
-
-def _logits(model, inputs):
-    import torch
-
-    with torch.no_grad():
-        return model(**inputs).logits[0].float()
-
-
-def tensor_hashes(model, dtype=None) -> dict[str, str]:
-    """sha256 of every tensor's bytes (in `dtype` if given): equality means bit-identical weights, without
-    keeping a second copy of the model."""
-    return {name: _tensor_sha256(t if dtype is None or not t.is_floating_point() else t.to(dtype))
-            for name, t in model.state_dict().items()}
-
-
-def _tensor_sha256(t) -> str:
-    import torch
-
-    t = t.detach().contiguous().cpu()
-    if t.dim() == 0:
-        t = t.reshape(1)
-    # the buffer itself, no bytes copy (an embedding of a 7B model is ~1 GB)
-    return hashlib.sha256(t.view(torch.uint8).numpy() if t.numel() else b"").hexdigest()
 
 
 def stock_class(family: Family):

@@ -22,7 +22,7 @@ def fake_lora_run(tiny, family_name, run, *, seed=0, scale=0.5):
 
     from medvl.config import load_recipe, recipe_to_yaml
     from medvl.versions import library_versions
-    from medvl.export import probe_inputs
+    from medvl.probe import probe_inputs
     from medvl.families import get_family
     from medvl.models import load_model, load_processor
 
@@ -58,7 +58,7 @@ def reload_logits(out, family_name, dtype=torch.float32):
     """Logits of the exported directory loaded by stock transformers, computed here (not by medvl.export)."""
     import transformers as T
 
-    from medvl.export import probe_inputs
+    from medvl.probe import probe_inputs
     from medvl.families import get_family
     from medvl.models import load_processor
 
