@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from medvl import doctor as d
+from medvl.doctor_lookup import has_module
 
 GiB = 1024**3
 CHECK_KEYS = {"name", "status", "detail", "advice", "required"}
@@ -229,7 +230,7 @@ def test_broken_torchvision_is_a_warning_to_uninstall_it(site):
     assert c.advice.endswith("pip uninstall torchvision")
 
 
-@pytest.mark.skipif(d._has_module("flash_attn"), reason="flash-attn is installed here")
+@pytest.mark.skipif(has_module("flash_attn"), reason="flash-attn is installed here")
 def test_missing_flash_attn_advice_depends_on_the_gpus():
     h100 = [d.Gpu(0, "NVIDIA H100 80GB HBM3", 79.6, "9.0", True)]
     assert "pip install flash-attn --no-build-isolation" in d.check_flash_attn(h100, {}).advice
@@ -237,7 +238,7 @@ def test_missing_flash_attn_advice_depends_on_the_gpus():
 
 
 def test_pins_come_from_medvls_own_metadata():
-    pins = d._pins()
+    pins = d.tested_pins()
     assert pins["torch"] == "2.13.0" and pins["transformers"] == "5.23.0"
     assert "pydantic" not in pins  # a range, not a pin
 
