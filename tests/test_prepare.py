@@ -79,6 +79,19 @@ def test_exact_lengths_and_too_long(mixed, tmp_path, tiny_dir):
     assert tight.manifest["rejected"].get("too-long") == 6
 
 
+def test_images_a_qwen_processor_refuses_are_quarantined_not_a_crash(tmp_path, tiny_dir):
+    # Qwen-VL's resize raises on aspect ratios over 200:1; with a Qwen-VL model such an image is a rejection.
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (402, 2)).save(tmp_path / "images" / "strip.png")
+    Image.new("RGB", (64, 48)).save(tmp_path / "images" / "ok.png")
+    rows = [{"image": f"images/{name}.png", "conversations": [{"from": "human", "value": "<image>What is it?"},
+                                                              {"from": "gpt", "value": "A scan."}]}
+            for name in ("strip", "ok")]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    res = prepare([tmp_path / "d.json"], tmp_path / "out", model=str(tiny_dir("qwen2.5-vl")))
+    assert res.manifest["accepted"] == 1 and res.manifest["rejected"] == {"image-aspect-ratio": 1}
+
+
 def test_resume_skips_finished_shards_and_loses_nothing(mixed, tmp_path, monkeypatch):
     import medvl.data.prepare as mod
 

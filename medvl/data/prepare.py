@@ -29,6 +29,7 @@ from pathlib import Path
 
 from medvl.data.checks import CheckPolicy, check_record
 from medvl.data.formats import ReadOptions, read_file
+from medvl.data.images import ResolutionPolicy
 from medvl.data.schema import Record, Rejection
 from medvl.errors import MedvlError
 from medvl.progress import NullProgress
@@ -85,7 +86,10 @@ def _worker_init(settings: Settings) -> None:
 
 
 def _policy(settings: Settings) -> CheckPolicy:
-    return CheckPolicy(max_images=settings.max_images, frame=settings.frame)
+    # Qwen-VL processors refuse images over 200:1 (a ValueError at measuring time): refuse them as a check instead.
+    family = _WORKER.get("family")
+    resolution = ResolutionPolicy() if family is not None and family.mrope else None
+    return CheckPolicy(max_images=settings.max_images, frame=settings.frame, resolution=resolution)
 
 
 def process_item(item: Record | Rejection, settings: Settings) -> dict | Rejection:
