@@ -180,7 +180,8 @@ def score(predictions: Iterable[tuple[EvalItem, str]], *, unscorable: str = "rai
             f"{len(lines)} item{'s' if len(lines) > 1 else ''} cannot be scored:\n  " + "\n  ".join(lines[:10]) + more,
             fix="'answer' must equal one of the option texts exactly; fix the evaluation file",
         )
-    left_out = [*rejected, *(Unscorable(t, item.dataset, p) for t, (item, p) in problems.items())]
+    left_out = [*rejected, *(Unscorable(t, item.dataset, p.removeprefix(f"test_id {t} ({item.dataset}): "))
+                             for t, (item, p) in problems.items())]
     scored = [_score_one(item, output) for item, output in kept if item.test_id not in problems]
     counts["gold_unknown"] = sum(s.gold is None for s in scored)
     counts["unscorable"] = len(left_out)
