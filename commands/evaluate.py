@@ -25,6 +25,8 @@ SUITE_NAMES = ("vqa-rad", "slake", "pathvqa", "pmc-vqa", "omnimedvqa", "mmmu-med
 DECODINGS = ("greedy", "huatuo")
 SCORER_NAMES = ("huatuo", "reader", "strict")  # medvl.evaluate.SCORERS, in its order (tests check it)
 SHOW_UNSCORABLE = 10
+BASELINE_COLUMNS = ("LLaVA-Med-7B", "LLaVA-v1.6-34B")
+WIDE_TABLE = 140  # terminal columns from which the baseline models are shown too
 
 
 def complete_suite(incomplete: str) -> list[str]:
@@ -97,27 +99,30 @@ def _label(path: Path) -> str:
 
 
 def scores_table(title: str, scores, rows):
-    """Ours (three scorers, the huatuo - reader gap, n) beside the published numbers; subsets dimmed."""
+    """Ours (three scorers, the huatuo - reader gap, n) beside the published numbers; subsets dimmed. Below
+    WIDE_TABLE columns the two baseline models are left out so that the scores never wrap."""
     from rich.table import Table
 
+    baselines = BASELINE_COLUMNS if console.width >= WIDE_TABLE else ()
     table = Table(title=title, title_justify="left")
-    for col in ("suite", "n", "huatuo", "reader", "strict", "gap", "HGV-7B", "HGV-34B", "7B rerun", "LLaVA-Med-7B",
-                "LLaVA-v1.6-34B"):
-        table.add_column(col, justify="left" if col == "suite" else "right")
+    table.add_column("suite", no_wrap=True, overflow="ellipsis", max_width=30)
+    for col in ("n", *SCORER_NAMES, "gap", "HGV-7B", "HGV-34B", "7B rerun", *baselines):
+        table.add_column(col, justify="right", no_wrap=True)
+    blank = [""] * (4 + len(baselines))
     results = scores.results
     for row in rows:
         mark = "" if row.comparable else " *"
         table.add_row(f"[bold]{row.suite}[/]{mark}", str(row.n), *(_pct(row.ours[k]) for k in SCORER_NAMES),
                       f"{row.scorer_gap:+.1f}", _pct(row.huatuo_7b), _pct(row.huatuo_34b), _pct(row.rerun_7b),
-                      _pct(row.baselines.get("LLaVA-Med-7B")), _pct(row.baselines.get("LLaVA-v1.6-34B")))
+                      *(_pct(row.baselines.get(b)) for b in baselines))
         for sub, acc in results["huatuo"].subsets.get(row.dataset, {}).items():
             cells = [100 * results[k].subsets[row.dataset][sub].acc for k in SCORER_NAMES]
             table.add_row(f"[dim]  {sub}[/]", f"[dim]{acc.n}[/]", *(f"[dim]{c:.1f}[/]" for c in cells),
-                          f"[dim]{cells[0] - cells[1]:+.1f}[/]", "", "", "", "", "")
+                          f"[dim]{cells[0] - cells[1]:+.1f}[/]", *blank[1:])
     overall = [results[k].overall for k in SCORER_NAMES]
     table.add_section()
     table.add_row("[bold]overall (micro)[/]", str(overall[0].n), *(f"{100 * a.acc:.1f}" for a in overall),
-                  f"{100 * (overall[0].acc - overall[1].acc):+.1f}", "", "", "", "", "")
+                  f"{100 * (overall[0].acc - overall[1].acc):+.1f}", *blank[1:])
     return table
 
 
