@@ -207,7 +207,7 @@ def test_report_mode_scores_the_rest_and_lists_the_unscorable():
 
 def mixed_scores():
     predictions = []
-    # VQA-RAD 2/4 (strict and reader 2/4), OmniMedVQA 6/6 over two subsets: micro overall 8/10 = 0.8 (macro would be 0.75)
+    # VQA-RAD 2/4 (strict, reader 2/4), OmniMedVQA 6/6 over two subsets: micro overall 8/10 = 0.8 (macro: 0.75)
     for i, out in enumerate(["B", "A", "Pleural effusion", "Cardiomegaly"], 1):
         predictions.append((item(i), out))
     for i in range(6):

@@ -15,10 +15,12 @@ Rules, in the order they are applied (README "Evaluation" has one example per ru
      unless some option text is itself a number, where "2" is then the value, not the position).
    Not mentions: the article "a"/"A" and the pronoun "I" before a word ("a cyst", "I think"), letters in
    abbreviations or names ("e.g.", "vitamin D", "hepatitis B", "type A", "B cells", "B-mode", "I'd"), the
-   determiner "no" before a word ("no evidence of ..." is not the answer "No"), and negated mentions
-   ("not A", "rather than pneumonia", "A is incorrect", "pneumonia is unlikely").
+   determiner "no" before a word ("no evidence of ..." is not the answer "No"), negated mentions ("not A",
+   "rather than pneumonia", "preferred over warfarin", "A is incorrect", "pneumonia is unlikely") and mentions
+   only discussed ("looking at option A").
 3. Scopes, first that mentions anything decides: the clauses after an answer cue ("the answer is", "Answer:",
-   "I would choose", "答案是", "选"), then the first sentence, then the whole answer. Without a cue, lines
+   "I would choose", "答案是", "选", a sentence opening "So"/"Therefore") together with mentions followed by
+   one ("heparin is the answer", "B is correct"), then the first sentence, then the whole answer. Without a cue, lines
    that list options back ("A. Pneumonia" then "B. Pleural effusion") are not part of the answer.
 4. The deciding scope must mention exactly one option; two different options ("A or B", "B. Pneumonia" when
    Pneumonia is option A) or none is no answer, which is wrong.
@@ -67,15 +69,17 @@ _NAME_BEFORE = frozenset(
     "strain size".split()
 )
 _NAME_AFTER = re.compile(r"\s*(?:cells?|lymphocytes?|waves?|mode|scans?|rays?|lines?|coli)\b")
-# Negation before a mention ("not A", "rather than pneumonia", "no evidence of effusion") or after it.
+# Negation before a mention ("not A", "rather than pneumonia", "no evidence of effusion"), or a mention that is
+# only discussed ("looking at option A, ..."), or negation after it ("A is incorrect").
 _NEG_BEFORE = re.compile(
     r"(?:\bnot|n't|\bno|\bnor|\bneither|\brather than|\binstead of|\bunlike|\brule out|\bruled out|\bexclud\w*"
-    r"|\bexcept|\bother than|\bthan|\bagainst|\bwithout)\s+"
+    r"|\bexcept|\bother than|\bthan|\bover|\bagainst|\bwithout|\blooking at|\bconsider(?:ing)?|\bregarding"
+    r"|\bas for)\s+"
     r"(?:(?:the|a|an|option|choice|answer|evidence of|sign of|signs of|features of)\s+)*[(\[\"']*$"
 )
 _NEG_AFTER = re.compile(
     r"[)\]\"'.:]*\s*(?:(?:is|are|was|seems|appears|would be|can be|could be|has been|have been)\s+)?"
-    r"(?:not\b|incorrect|wrong|unlikely|less likely|ruled out|excluded|false\b)"
+    r"(?:not\b|incorrect|wrong|unlikely|less likely|ruled out|excluded|false\b|contraindicated)"
 )
 # A position after a cue ("Option 2", "the 2nd choice", "第2个"); after "answer" only when no option is a number.
 _POSITION = re.compile(
@@ -85,10 +89,18 @@ _POSITION = re.compile(
 _ANSWER_NUMBER = re.compile(r"\banswer\s*(?:is|:)?\s*[(\[]?(\d{1,2})\b(?![.,]\d)")
 _CUE = re.compile(
     r"\b(?:answer|option|choice|diagnosis|response)\s*(?:is|would be|should be|will be|=|:)"
+    r"|(?:^|[.;\n]\s*)(?:so|therefore|thus|hence|in conclusion|in summary)\b,?"
     r"|\bi(?:'d| would| will|'ll)?\s+(?:choose|pick|select|go with|say)\b"
     r"|答案\s*(?:是|为|:)|应选|选择|选"
 )
 _LISTED = re.compile(r"^[ \t]*\(?([A-Ka-k])[.):][ \t]+\S.*$", re.M)
+# A cue after the mention: "heparin is the answer", "B is correct", "B is more likely".
+_CUE_AFTER = re.compile(
+    r"[)\]\"'.]*\s*(?:\([^()]{1,40}\)\s*)?(?:is|would be|seems|appears)\s+(?:to be\s+)?(?:the\s+)?"
+    r"(?:(?:correct|right|best|most likely|more likely|most appropriate)\b|answer\b)"
+)
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_NUMBER_WORD = re.compile(r"\b(?:" + "|".join(_NUMBER_WORDS) + r")\b")
 _ABBREVIATION = re.compile(r"(?:^|[\s(])(?:e\.g|i\.e|vs|etc|dr|fig|approx|cf)$")
 
 
@@ -134,28 +146,35 @@ def _letter_is_word(low: str, start: int, end: int) -> bool:
     return bool(before and before.group(1) in _NAME_BEFORE) or bool(_NAME_AFTER.match(low[end:]))
 
 
-def named_options(scope: str, options: Sequence[str]) -> set[int]:
-    """Indices of the options `scope` (already normalised) mentions, negated and incidental mentions left out."""
+def mentions(scope: str, options: Sequence[str]) -> list[tuple[int, int, int]]:
+    """(start, end, option index) of each option `scope` (already normalised) mentions, negated and incidental
+    mentions left out, in no particular order."""
     texts = _option_texts(options)
     n = len(texts)
     low = scope.lower()
-    named: set[int] = set()
+    if any(t.isdigit() for t in texts):  # "two nodules" answers the option "2"
+        low = _NUMBER_WORD.sub(lambda m: f"{_NUMBER_WORDS.index(m.group()):<{len(m.group())}}", low)
+    found = []
     masked = list(scope)
     for start, end, index in _text_spans(low, texts):
         masked[start:end] = " " * (end - start)
-        if not _negated(low, start, end):
-            named.add(index)
+        found.append((start, end, index))
     for m in _LETTER.finditer("".join(masked)):
         index = LETTERS.index(m.group(1).upper())
-        if index < n and not _letter_is_word(low, m.start(), m.end()) and not _negated(low, m.start(), m.end()):
-            named.add(index)
+        if index < n and not _letter_is_word(low, m.start(), m.end()):
+            found.append((m.start(), m.end(), index))
     patterns = [_POSITION] if any(t.isdigit() for t in texts) else [_POSITION, _ANSWER_NUMBER]
     for pattern in patterns:
         for m in pattern.finditer(low):
             number = int(next(g for g in m.groups() if g))
-            if 1 <= number <= n and not _negated(low, m.start(), m.end()):
-                named.add(number - 1)
-    return named
+            if 1 <= number <= n:
+                found.append((m.start(), m.end(), number - 1))
+    return [(start, end, index) for start, end, index in found if not _negated(low, start, end)]
+
+
+def named_options(scope: str, options: Sequence[str]) -> set[int]:
+    """Indices of the options `scope` (already normalised) mentions; see `mentions`."""
+    return {index for _, _, index in mentions(scope, options)}
 
 
 def first_sentence(text: str, options: Sequence[str]) -> str:
@@ -183,6 +202,8 @@ def read_answer(output: str, options: Sequence[str]) -> Reading:
     cued: set[int] = set()
     for m in _CUE.finditer(text.lower()):
         cued |= named_options(first_sentence(text[m.end() :], options), options)
+    low = text.lower()
+    cued |= {index for _, end, index in mentions(text, options) if _CUE_AFTER.match(low[end : end + 60])}
     if cued:
         return _decide(cued, "answer cue")
     listed = {m.group(1).upper() for m in _LISTED.finditer(text)}
