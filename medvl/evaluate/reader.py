@@ -28,6 +28,7 @@ Rules, in the order they are applied (README "Evaluation" has one example per ru
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -112,7 +113,17 @@ def normalize(text: str) -> str:
 
 
 def _option_texts(options: Sequence[str]) -> list[str]:
-    return [normalize(o).lower().rstrip(".").strip() for o in options[: len(LETTERS)]]
+    return list(_texts_of(tuple(options[: len(LETTERS)])))
+
+
+@functools.lru_cache(maxsize=8192)  # the bundle repeats option lists (["yes", "no"] on 4k items)
+def _texts_of(options: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(normalize(o).lower().rstrip(".").strip() for o in options)
+
+
+@functools.lru_cache(maxsize=8192)
+def _text_pattern(text: str) -> re.Pattern:
+    return re.compile(r"(?<![0-9a-z])" + re.escape(text) + r"(?![0-9a-z])")
 
 
 def _text_spans(low: str, texts: list[str]) -> list[tuple[int, int, int]]:
@@ -123,7 +134,7 @@ def _text_spans(low: str, texts: list[str]) -> list[tuple[int, int, int]]:
         text = texts[index]
         if not text or texts.index(text) != index:  # a repeated option text is the first one (options.index)
             continue
-        for m in re.finditer(r"(?<![0-9a-z])" + re.escape(text) + r"(?![0-9a-z])", low):
+        for m in _text_pattern(text).finditer(low):
             if any(taken[m.start() : m.end()]):
                 continue
             if text == "no" and re.match(r"\s+[a-z]", low[m.end() :]):
@@ -146,10 +157,9 @@ def _letter_is_word(low: str, start: int, end: int) -> bool:
     return bool(before and before.group(1) in _NAME_BEFORE) or bool(_NAME_AFTER.match(low[end:]))
 
 
-def mentions(scope: str, options: Sequence[str]) -> list[tuple[int, int, int]]:
-    """(start, end, option index) of each option `scope` (already normalised) mentions, negated and incidental
-    mentions left out, in no particular order."""
-    texts = _option_texts(options)
+def _mentions(scope: str, texts: list[str]) -> list[tuple[int, int, int]]:
+    """(start, end, option index) of each option `scope` (normalised) mentions, given the options' normalised
+    texts; negated and incidental mentions left out, in no particular order."""
     n = len(texts)
     low = scope.lower()
     if any(t.isdigit() for t in texts):  # "two nodules" answers the option "2"
@@ -173,15 +183,19 @@ def mentions(scope: str, options: Sequence[str]) -> list[tuple[int, int, int]]:
 
 
 def named_options(scope: str, options: Sequence[str]) -> set[int]:
-    """Indices of the options `scope` (already normalised) mentions; see `mentions`."""
-    return {index for _, _, index in mentions(scope, options)}
+    """Indices of the options `scope` mentions (module doc, rule 2)."""
+    return _named(normalize(scope), _option_texts(options))
 
 
-def first_sentence(text: str, options: Sequence[str]) -> str:
+def _named(scope: str, texts: list[str]) -> set[int]:
+    return {index for _, _, index in _mentions(scope, texts)}
+
+
+def _first_sentence(text: str, texts: list[str]) -> str:
     """Up to the first line break or sentence end. A full stop after a lone letter ends the sentence unless an
     option text follows it and ends there ("B. Pleural effusion" is one unit), or after an abbreviation."""
     text = text.lstrip()
-    texts = [t for t in _option_texts(options) if t]
+    texts = [t for t in texts if t]
     for m in re.finditer(r"\n|[!?;。！？](?=\s|$)|\.(?=\s|$)", text):
         if m.group() == ".":
             head = text[: m.start()].lower()
@@ -199,20 +213,21 @@ def first_sentence(text: str, options: Sequence[str]) -> str:
 def read_answer(output: str, options: Sequence[str]) -> Reading:
     """The option a careful reader takes `output` to answer, with the scope that decided (see module doc)."""
     text = normalize(output)
-    cued: set[int] = set()
-    for m in _CUE.finditer(text.lower()):
-        cued |= named_options(first_sentence(text[m.end() :], options), options)
+    texts = _option_texts(options)
     low = text.lower()
-    cued |= {index for _, end, index in mentions(text, options) if _CUE_AFTER.match(low[end : end + 60])}
+    cued: set[int] = set()
+    for m in _CUE.finditer(low):
+        cued |= _named(_first_sentence(text[m.end() :], texts), texts)
+    cued |= {index for _, end, index in _mentions(text, texts) if _CUE_AFTER.match(low[end : end + 60])}
     if cued:
         return _decide(cued, "answer cue")
     listed = {m.group(1).upper() for m in _LISTED.finditer(text)}
     if len(listed) > 1:  # the options listed back ("A. Pneumonia\nB. Pleural effusion") are not an answer
         text = _LISTED.sub("", text).strip()
-    first = named_options(first_sentence(text, options), options)
+    first = _named(_first_sentence(text, texts), texts)
     if first:
         return _decide(first, "first sentence")
-    whole = named_options(text, options)
+    whole = _named(text, texts)
     return _decide(whole, "whole answer") if whole else Reading(None, (), "none")
 
 
