@@ -405,3 +405,30 @@ def test_normalize_and_exact_option():
     assert exact_option(" vitamin c deficiency. ", DEF) == "D"
     assert exact_option("The answer is B-cell lymphoma", LYMPH) is None
     assert exact_option("", LYMPH) is None
+
+
+# The examples of the README's `reader` rules table, in its order: the documentation must stay true.
+README_EXAMPLES = [
+    ("b", FOUR, "B"), ("(b)", FOUR, "B"), ("**B**", FOUR, "B"), ("[C]", FOUR, "C"), ("'B'", FOUR, "B"),
+    ("\\boxed{B}", FOUR, "B"), ("<answer>B</answer>", FOUR, "B"), ("Ｂ", FOUR, "B"), ("（ｂ）", FOUR, "B"),
+    ("答案：Ｃ", FOUR, "C"), ("答案是b", FOUR, "B"), ("选B", FOUR, "B"), ("正确答案是D", FOUR, "D"), ("E", FOUR, None),
+    ("B. Pleural effusion", FOUR, "B"), ("b) pleural effusion", FOUR, "B"), ("pleural effusion", FOUR, "B"),
+    ("B-cell lymphoma", LYMPH, "A"), ("The image shows a pleural effusion.", FOUR, "B"), ("Option 2", FOUR, "B"),
+    ("choice (3)", FOUR, "C"), ("the 2nd option", FOUR, "B"), ("第2个", FOUR, "B"), ("选项3", FOUR, "C"),
+    ("Answer: 2", COUNT, "C"), ("There are two nodules.", COUNT, "C"),
+    ("The answer is B. Pneumonia would show consolidation.", FOUR, "B"),
+    ("Warfarin is contraindicated; heparin is the answer.", DRUG, "B"),
+    ("Looking at option A, pneumonia would show consolidation. Option C, cardiomegaly, is seen. So C.", FOUR, "C"),
+    ("Cardiomegaly. The ratio exceeds 0.5, so this is not normal.", FOUR, "C"),
+    ("A lesion is seen.", FOUR, None), ("I think so.", FOUR, None), ("e.g.", FOUR, None), ("vitamin D", FOUR, None),
+    ("hepatitis B", FOUR, None), ("B cells", FOUR, None), ("B-mode", FOUR, None),
+    ("Yes, there is no evidence of malignancy.", yn, "A"), ("Pleural effusion, not pneumonia.", FOUR, "B"),
+    ("B is more likely than A.", FOUR, "B"), ("Looking at option A, it would show consolidation.", FOUR, None),
+    ("A. Pneumonia\nB. Pleural effusion", FOUR, None), ("A or B", FOUR, None), ("B. Pneumonia", FOUR, None),
+    ("yes or no", yn, None), ("I cannot determine this from the image.", FOUR, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("output", "options", "want"), README_EXAMPLES, ids=[o for o, *_ in README_EXAMPLES])
+def test_readme_rule_examples(output, options, want):
+    assert read_answer(output, options).letter == want
