@@ -193,3 +193,24 @@ def test_a_file_without_test_ids_is_numbered_by_position_and_mixed_ids_are_unsco
     assert [s.item.test_id for s in result.scores.items] == [101]
     assert [u.reason for u in result.scores.unscorable] == [
         "record 2: test_id must be an integer, got None", "record 3: test_id must be an integer, got '3'"]
+
+
+def test_rescoring_leaves_torch_out_of_sys_modules(tmp_path):
+    """The same check through sys.modules of a fresh interpreter that ran `medvl score` in-process."""
+    import subprocess
+    import sys
+
+    source, out = published_file(tmp_path), tmp_path / "o"
+    script = (
+        "import json, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from medvl.commands.main import app\n"
+        f"result = CliRunner().invoke(app, ['score', {str(source)!r}, '-o', {str(out)!r}])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'numpy', 'accelerate', 'peft', 'PIL'))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert (out / "results.json").is_file()
