@@ -353,7 +353,24 @@ BLIND = [
     ("letter", "選B", DRUG, "B"),
     ("text-in-sentence", "Normal study, no cardiomegaly.", FOUR, "D"),
 ]
-GOLDEN += BLIND
+# Found on review, after the blind batches: a vignette echoed back ("A 45-year-old man ...") was read as A, and
+# an answer clause with its reason ("The answer is D, because option A ...") as two options; both fixed.
+REVIEW = [
+    ("none", "A 45-year-old man presents with chest pain.", FOUR, None),
+    ("explained", "The answer is D, because option A would show consolidation.", FOUR, "D"),
+    ("explained", "The answer is B since A is unlikely.", FOUR, "B"),
+    ("explained", "The image is from a CT, so the answer is A.", MOD, "A"),
+    ("letter", "The answer is a.", FOUR, "A"),
+    ("text-in-sentence", "It is a B-cell lymphoma.", LYMPH, "A"),
+    ("none", "Grade C", FOUR, None),
+    ("text", "Type B aortic dissection", ("Type A aortic dissection", "Type B aortic dissection"), "B"),
+    ("explained", "Option A is correct, not option B.", FOUR, "A"),
+    ("none", "Neither A nor B.", FOUR, None),
+    ("two", "Answer: A\nAnswer: B", FOUR, None),
+    ("two", "Answer: A, B", FOUR, None),
+    ("two", "The answer is B, or possibly C.", FOUR, None),
+]
+GOLDEN += BLIND + REVIEW
 
 
 OUT_OF_SCOPE = {"inferred"}  # answers a reader infers from a description: `reader` must say none, never guess
@@ -361,7 +378,7 @@ OUT_OF_SCOPE = {"inferred"}  # answers a reader infers from a description: `read
 
 def test_there_are_enough_golden_cases_of_every_kind():
     kinds = Counter(kind for kind, *_ in GOLDEN)
-    assert len(GOLDEN) >= 290
+    assert len(GOLDEN) >= 300
     assert all(count >= 5 for kind, count in kinds.items() if kind not in OUT_OF_SCOPE), kinds
     assert len(kinds) == 11
 

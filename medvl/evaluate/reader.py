@@ -100,6 +100,8 @@ _CUE_AFTER = re.compile(
     r"[)\]\"'.]*\s*(?:\([^()]{1,40}\)\s*)?(?:is|would be|seems|appears)\s+(?:to be\s+)?(?:the\s+)?"
     r"(?:(?:correct|right|best|most likely|more likely|most appropriate)\b|answer\b)"
 )
+# Where the reason starts, the answer clause ends: "The answer is D, because option A ..." answers D.
+_REASON = re.compile(r"\b(?:because|since|whereas|while|which|as opposed to|given that)\b", re.I)
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _NUMBER_WORD = re.compile(r"\b(?:" + "|".join(_NUMBER_WORDS) + r")\b")
 _ABBREVIATION = re.compile(r"(?:^|[\s(])(?:e\.g|i\.e|vs|etc|dr|fig|approx|cf)$")
@@ -150,7 +152,7 @@ def _negated(low: str, start: int, end: int) -> bool:
 
 def _letter_is_word(low: str, start: int, end: int) -> bool:
     """The letter is part of the prose: an article, a pronoun, or a name such as "vitamin D" or "B cells"."""
-    following = re.match(r"\s+([a-z]+)", low[end:])
+    following = re.match(r"\s+([a-z0-9]+)", low[end:])  # "a cyst", "A 45-year-old man", "I think"
     if low[start] in "ai" and following and following.group(1) not in _CHOICE_NEXT:
         return True
     before = re.search(r"([a-z]+)\s*$", low[:start])
@@ -217,7 +219,8 @@ def read_answer(output: str, options: Sequence[str]) -> Reading:
     low = text.lower()
     cued: set[int] = set()
     for m in _CUE.finditer(low):
-        cued |= _named(_first_sentence(text[m.end() :], texts), texts)
+        clause = _REASON.split(_first_sentence(text[m.end() :], texts), maxsplit=1)[0]
+        cued |= _named(clause, texts)
     cued |= {index for _, end, index in _mentions(text, texts) if _CUE_AFTER.match(low[end : end + 60])}
     if cued:
         return _decide(cued, "answer cue")
