@@ -13,15 +13,16 @@ Rules, in the order they are applied (README "Evaluation" has one example per ru
      so the letter inside an option's text ("Vitamin C deficiency", "B-cell lymphoma") is not a letter;
    - its number after a cue ("Option 2", "choice (3)", "the 2nd option", "第2个", "选项2"; also "Answer: 2"
      unless some option text is itself a number, where "2" is then the value, not the position).
-   Not mentions: the article "a"/"A" and the pronoun "I" before a word ("a cyst", "I think"), letters in
-   abbreviations or names ("e.g.", "vitamin D", "hepatitis B", "type A", "B cells", "B-mode", "I'd"), the
-   determiner "no" before a word ("no evidence of ..." is not the answer "No"), negated mentions ("not A",
-   "rather than pneumonia", "preferred over warfarin", "A is incorrect", "pneumonia is unlikely") and mentions
-   only discussed ("looking at option A").
+   Not mentions: the article "a"/"A" and the pronoun "I" before a word ("a cyst", "A 45-year-old", "I think"),
+   letters in abbreviations or names ("e.g.", "vitamin D", "hepatitis B", "type A", "B cells", "B-mode",
+   "I'd"), the determiner "no" before a word ("no evidence of ..." is not the answer "No"), negated mentions
+   ("not A", "rather than pneumonia", "preferred over warfarin", "A is incorrect", "pneumonia is unlikely")
+   and mentions only discussed ("looking at option A").
 3. Scopes, first that mentions anything decides: the clauses after an answer cue ("the answer is", "Answer:",
-   "I would choose", "答案是", "选", a sentence opening "So"/"Therefore") together with mentions followed by
-   one ("heparin is the answer", "B is correct"), then the first sentence, then the whole answer. Without a cue, lines
-   that list options back ("A. Pneumonia" then "B. Pleural effusion") are not part of the answer.
+   "I would choose", "答案是", "选", a sentence opening "So"/"Therefore"), each up to where its reason starts
+   ("because", "since", "which"), together with mentions followed by a cue ("heparin is the answer", "B is
+   correct"); then the first sentence; then the whole answer. Without a cue, lines that list options back
+   ("A. Pneumonia" then "B. Pleural effusion") are not part of the answer.
 4. The deciding scope must mention exactly one option; two different options ("A or B", "B. Pneumonia" when
    Pneumonia is option A) or none is no answer, which is wrong.
 """
