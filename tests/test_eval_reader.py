@@ -449,3 +449,17 @@ README_EXAMPLES = [
 @pytest.mark.parametrize(("output", "options", "want"), README_EXAMPLES, ids=[o for o, *_ in README_EXAMPLES])
 def test_readme_rule_examples(output, options, want):
     assert read_answer(output, options).letter == want
+
+
+def test_reader_never_fails_and_only_reads_this_items_letters_on_random_text():
+    import random
+
+    rng = random.Random(0)
+    alphabet = list("aAbBcCdDeEiInNoO  ..::,;()[]*'\"#\n-_/\\12是为答案选项第个ＢｂNo") + [
+        "yes ", "no ", "not ", "option ", "answer is ", "Pneumonia", "normal", " or ", "So ", "because "]
+    for _ in range(5_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        options = rng.choice([FOUR, yn, COUNT, DRUG, NINE])
+        reading = read_answer(text, options)
+        assert reading.letter is None or reading.letter in "ABCDEFGHI"[: len(options)], repr(text)
+        assert (reading.letter is None) == (len(reading.named) != 1), repr(text)
