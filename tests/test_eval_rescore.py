@@ -149,6 +149,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     no_gold = [{k: v for k, v in r.items() if k != "answer"} for r in PUBLISHED[:3]]
     (tmp_path / "no_gold.json").write_text(json.dumps(no_gold))
     (tmp_path / "run").mkdir()
+    (tmp_path / "predictions.partial.jsonl").write_text('{"test_id": 1, "key": "ab12", "output": "B"}\n')
     return {
         "missing": (tmp_path / "nope.jsonl", "predictions file not found"),
         "empty": (tmp_path / "empty.json", "the predictions file is empty"),
@@ -156,7 +157,8 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "not utf-8": (tmp_path / "binary.json", "not UTF-8 text"),
         "no model_output": (tmp_path / "bundle.json", "it looks like an evaluation file"),
         "no answer": (tmp_path / "no_gold.json", "no record has the gold answer 'answer'"),
-        "directory": (tmp_path / "run", "predictions file is a directory"),
+        "directory": (tmp_path / "run", "is a directory without predictions.jsonl"),
+        "answer cache": (tmp_path / "predictions.partial.jsonl", "answer cache of an unfinished `medvl eval`"),
     }
 
 

@@ -57,6 +57,9 @@ def load_predictions(path: str | Path) -> tuple[list[tuple[EvalItem, str]], list
     predictions file at all (no record carries an output, or none a gold answer).
     """
     path = resolve_predictions(path)
+    if path.is_dir():
+        raise MedvlError(f"{path} is a directory without {PREDICTIONS}",
+                         fix="pass a `medvl eval` output directory, or the predictions file itself")
     records = read_records(path, kind="predictions file", fix=_FIX)
     if not records:
         raise MedvlError(f"the predictions file is empty: {path}", fix=_FIX)
@@ -67,8 +70,11 @@ def load_predictions(path: str | Path) -> tuple[list[tuple[EvalItem, str]], list
                          where=str(path), fix=_FIX)
     out_key, gold_key = FORMATS[fmt]
     if not any(gold_key in r for r in records):
-        raise MedvlError(f"no record has the gold answer '{gold_key}' next to '{out_key}'", where=str(path),
-                         fix=_FIX)
+        cache = " (it looks like the answer cache of an unfinished `medvl eval`: it holds no questions)" if all(
+            set(r) == {"test_id", "key", "output"} for r in records) else ""
+        raise MedvlError(f"no record has the gold answer '{gold_key}' next to '{out_key}'{cache}", where=str(path),
+                         fix=_FIX if not cache else "run the same `medvl eval` again to finish it (answers are "
+                         "kept), then score its predictions.jsonl")
     numbered = any("test_id" in r for r in records)
     pairs: list[tuple[EvalItem, str]] = []
     rejected: list[Unscorable] = []
