@@ -41,6 +41,7 @@ PUBLISHED = [
     {"question": "q112", "answer": "x", "dataset": "SLAKE_test", "test_id": 112, "model_output": "A"},  # no options
     rec(101, "A"),  # accelerate padding: test_id 101 again, the first occurrence wins
     rec(102, "B"),
+    rec(112, "B", FOUR, "Pneumonia", "SLAKE_test"),  # ... also over an unscorable first occurrence
 ]
 # Expected per scorer over the 9 scored records (101-109).
 EXPECTED = {
@@ -73,14 +74,14 @@ def test_cli_rescores_a_published_file_without_importing_torch(tmp_path):
     assert heavy_in(modules) == []  # no torch, transformers, numpy...
     results = json.loads((out / "results.json").read_text())
     assert table(results) == EXPECTED
-    assert results["counts"]["duplicates"] == 2 and results["counts"]["open_skipped"] == 1
+    assert results["counts"]["duplicates"] == 3 and results["counts"]["open_skipped"] == 1
     assert results["unscorable"] == [
         {"test_id": 112, "dataset": "SLAKE_test", "reason": "record 12: missing field 'options'"},
         {"test_id": 110, "dataset": "PMC-VQA_test",
          "reason": "gold answer 'pleural effusion (small)' is not among the options "
                    "['Pneumonia', 'Pleural effusion', 'Cardiomegaly', 'Normal']"},
     ]  # fmt: skip
-    assert results["data"]["format"] == "published" and results["data"]["records_in_file"] == 14
+    assert results["data"]["format"] == "published" and results["data"]["records_in_file"] == 15
     assert results["scorer_gap"]["datasets"]["PMC-VQA_test"] == pytest.approx(3 / 5 - 4 / 5)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     # the file's own test_ids, in file order; the first of each duplicated id was scored
@@ -115,7 +116,7 @@ def test_cli_rescores_medvl_predictions_to_the_same_results_without_torch(tmp_pa
 def test_rescore_in_process_keeps_test_ids_and_reports(tmp_path):
     result = rescore(published_file(tmp_path))
     assert [s.item.test_id for s in result.scores.items][:3] == [101, 102, 103]
-    assert result.format == "published" and result.records == 14 and result.predictions is None
+    assert result.format == "published" and result.records == 15 and result.predictions is None
     assert {r.suite: round(r.scorer_gap, 1) for r in result.rows} == {"pmc-vqa": -20.0, "pathvqa": 0.0,
                                                                      "omnimedvqa": 50.0}
 
@@ -128,7 +129,7 @@ def test_table_shows_the_three_scores_the_gap_and_the_unscorable(tmp_path):
     pmc = next(line for line in result.output.splitlines() if "pmc-vqa" in line)
     assert [c.strip() for c in pmc.split("│")[1:8]] == ["pmc-vqa", "5", "60.0", "80.0", "40.0", "-20.0", "54.3"]
     assert "2 record(s) could not be scored" in result.output and "test_id 110 (PMC-VQA_test)" in result.output
-    assert "9 scored, 2 duplicate test_ids dropped (first kept), 1 open, 2 unscorable" in result.output
+    assert "9 scored, 3 duplicate test_ids dropped (first kept), 1 open, 2 unscorable" in result.output
 
 
 def test_writing_over_the_scored_file_is_refused(tmp_path):

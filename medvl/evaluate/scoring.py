@@ -151,7 +151,8 @@ def score(predictions: Iterable[tuple[EvalItem, str]], *, unscorable: str = "rai
     A kept item whose gold answer is not among its options (upstream dies on the first with `assert False`):
     with unscorable="raise" (the eval path, which already refused such records before generating) a
     MedvlError lists them all; with "report" (re-scoring) they are left out, listed in `Scores.unscorable`
-    after the `rejected` records the caller could not even parse, and the rest is scored.
+    after the `rejected` records the caller could not even parse (their test_ids count as seen, so a later
+    padding duplicate is dropped, as upstream), and the rest is scored.
     Counts: open_skipped, duplicates, empty_options, gold_unknown ("?" golds), unscorable, no_letter (outputs
     where the published scorer crashes), no_option (strict found no option: no letter at all, a lowercase one,
     or one past the item's options), reader_ambiguous (the answer names two options), reader_none (it names
@@ -161,7 +162,8 @@ def score(predictions: Iterable[tuple[EvalItem, str]], *, unscorable: str = "rai
         raise ValueError(f"unscorable must be 'raise' or 'report', got {unscorable!r}")
     counts = dict.fromkeys(("open_skipped", "duplicates", "empty_options", "gold_unknown"), 0)
     kept: list[tuple[EvalItem, str]] = []
-    seen: set[int] = set()
+    # First occurrence wins even when it could not be parsed: its padding duplicates are not scored instead.
+    seen: set[int] = {u.test_id for u in rejected if u.test_id is not None}
     for item, output in predictions:
         if item.question_type == "open":
             counts["open_skipped"] += 1
