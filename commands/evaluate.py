@@ -23,6 +23,10 @@ EXAMPLES = """[bold]Examples[/]
 # never imports the library.
 SUITE_NAMES = ("vqa-rad", "slake", "pathvqa", "pmc-vqa", "omnimedvqa", "mmmu-medical", "all")
 DECODINGS = ("greedy", "huatuo")
+SCORER_NAMES = ("huatuo", "reader", "strict")  # medvl.evaluate.SCORERS, in its order (tests check it)
+SHOW_UNSCORABLE = 10
+BASELINE_COLUMNS = ("LLaVA-Med-7B", "LLaVA-v1.6-34B")
+WIDE_TABLE = 140  # terminal columns from which the baseline models are shown too
 
 
 def complete_suite(incomplete: str) -> list[str]:
@@ -66,7 +70,8 @@ def evaluate(
                                          "questions blind (a baseline; the images are ignored)."),
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate on medical VQA benchmarks: batched, resumable, scored the published way and strictly."""
+    """Evaluate on medical VQA benchmarks: batched, resumable, scored the published way, as a reader would, and
+    strictly. To re-score answers already generated, without a model: `medvl score FILE`."""
     from transformers.utils import logging
 
     from medvl.evaluate.run import evaluate as run
@@ -93,41 +98,63 @@ def _label(path: Path) -> str:
     return path.parent.name if path.name == "final" else path.name
 
 
-def render(result) -> None:
-    """The comparison table (ours with n beside the published numbers), then notes and file paths."""
+def scores_table(title: str, scores, rows):
+    """Ours (three scorers, the huatuo - reader gap, n) beside the published numbers; subsets dimmed. Below
+    WIDE_TABLE columns the two baseline models are left out so that the scores never wrap."""
     from rich.table import Table
 
-    name = _label(result.target.base) + (f" + {_label(result.target.adapter)}" if result.target.adapter else "")
-    table = Table(title=f"{name}  ({result.decoding.name} decoding)", title_justify="left")
-    for col, justify in (("suite", "left"), ("n", "right"), ("huatuo", "right"), ("strict", "right"),
-                         ("HGV-7B", "right"), ("HGV-34B", "right"), ("7B rerun", "right"),
-                         ("LLaVA-Med-7B", "right"), ("LLaVA-v1.6-34B", "right")):
-        table.add_column(col, justify=justify)
-    subsets = result.scores.results["huatuo"].subsets
-    strict_subsets = result.scores.results["strict"].subsets
-    for row in result.rows:
+    baselines = BASELINE_COLUMNS if console.width >= WIDE_TABLE else ()
+    table = Table(title=title, title_justify="left")
+    table.add_column("suite", no_wrap=True, overflow="ellipsis", max_width=30)
+    for col in ("n", *SCORER_NAMES, "gap", "HGV-7B", "HGV-34B", "7B rerun", *baselines):
+        table.add_column(col, justify="right", no_wrap=True)
+    blank = [""] * (4 + len(baselines))
+    results = scores.results
+    for row in rows:
         mark = "" if row.comparable else " *"
-        table.add_row(f"[bold]{row.suite}[/]{mark}", str(row.n), _pct(row.ours["huatuo"]), _pct(row.ours["strict"]),
-                      _pct(row.huatuo_7b), _pct(row.huatuo_34b), _pct(row.rerun_7b),
-                      _pct(row.baselines.get("LLaVA-Med-7B")), _pct(row.baselines.get("LLaVA-v1.6-34B")))
-        for sub, acc in subsets.get(row.dataset, {}).items():
-            strict = strict_subsets[row.dataset][sub]
-            table.add_row(f"[dim]  {sub}[/]", f"[dim]{acc.n}[/]", f"[dim]{100 * acc.acc:.1f}[/]",
-                          f"[dim]{100 * strict.acc:.1f}[/]", "", "", "", "", "")
-    overall = {k: v.overall for k, v in result.scores.results.items()}
+        table.add_row(f"[bold]{row.suite}[/]{mark}", str(row.n), *(_pct(row.ours[k]) for k in SCORER_NAMES),
+                      f"{row.scorer_gap:+.1f}", _pct(row.huatuo_7b), _pct(row.huatuo_34b), _pct(row.rerun_7b),
+                      *(_pct(row.baselines.get(b)) for b in baselines))
+        for sub, acc in results["huatuo"].subsets.get(row.dataset, {}).items():
+            cells = [100 * results[k].subsets[row.dataset][sub].acc for k in SCORER_NAMES]
+            table.add_row(f"[dim]  {sub}[/]", f"[dim]{acc.n}[/]", *(f"[dim]{c:.1f}[/]" for c in cells),
+                          f"[dim]{cells[0] - cells[1]:+.1f}[/]", *blank[1:])
+    overall = [results[k].overall for k in SCORER_NAMES]
     table.add_section()
-    table.add_row("[bold]overall (micro)[/]", str(overall["huatuo"].n), f"{100 * overall['huatuo'].acc:.1f}",
-                  f"{100 * overall['strict'].acc:.1f}", "", "", "", "", "")
-    console.print(table)
+    table.add_row("[bold]overall (micro)[/]", str(overall[0].n), *(f"{100 * a.acc:.1f}" for a in overall),
+                  f"{100 * (overall[0].acc - overall[1].acc):+.1f}", *blank[1:])
+    return table
+
+
+def print_scores(title: str, scores, rows) -> None:
+    """The table, the legend, the caveats, what the scorers could not read, and any unscorable records."""
+    console.print(scores_table(title, scores, rows))
     console.print("[dim]accuracy %. huatuo: the published scorer's verdicts (its crash cases fall back to option "
-                  "text, then similarity); strict: an answer must name an option letter. HGV = HuatuoGPT-Vision "
-                  "(README / paper Table 2-4); 7B rerun: official eval.py on this bundle (third party).[/]")
-    for row in result.rows:
+                  "text, then similarity); reader: the option a careful reader takes the answer to name (two "
+                  "options or none: wrong); strict: an option letter or an option's exact text, read the same "
+                  "by the reader; gap: huatuo - reader, how much of a published-style number is the scorer. "
+                  "HGV = HuatuoGPT-Vision (README / paper Table 2-4); 7B rerun: official eval.py on this bundle "
+                  "(third party).[/]")
+    for row in rows:
         if not row.comparable:
             console.print(f"[yellow]* {row.suite}:[/] " + (row.note or "no published numbers for this dataset"))
-    counts = result.scores.counts
-    console.print(f"no stand-alone letter in {counts['no_letter']} of {len(result.scores.items)} answers "
-                  f"(strict counts {counts['no_option']} as naming no option)")
+    counts = scores.counts
+    console.print(f"no stand-alone letter in {counts['no_letter']} of {len(scores.items)} answers "
+                  f"(strict counts {counts['no_option']} as naming no option); the reader finds two options in "
+                  f"{counts['reader_ambiguous']} and none in {counts['reader_none']}")
+    if scores.unscorable:
+        console.print(f"[yellow]{len(scores.unscorable)} record(s) could not be scored[/] (left out of every "
+                      "accuracy, all listed in results.json):")
+        for u in scores.unscorable[:SHOW_UNSCORABLE]:
+            console.print(f"  test_id {u.test_id} ({u.dataset or '?'}): {u.reason}", markup=False)
+        if len(scores.unscorable) > SHOW_UNSCORABLE:
+            console.print(f"  ... and {len(scores.unscorable) - SHOW_UNSCORABLE} more")
+
+
+def render(result) -> None:
+    """The comparison table (ours with n beside the published numbers), then notes and file paths."""
+    name = _label(result.target.base) + (f" + {_label(result.target.adapter)}" if result.target.adapter else "")
+    print_scores(f"{name}  ({result.decoding.name} decoding)", result.scores, result.rows)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     speed = f", {result.questions_per_s:.2f} questions/s" if result.generated else ""

@@ -47,6 +47,7 @@ from medvl.commands import prepare_data as _prepare  # noqa: E402
 from medvl.commands import export as _export  # noqa: E402
 from medvl.commands import evaluate as _evaluate  # noqa: E402
 from medvl.commands import recipes as _recipes  # noqa: E402
+from medvl.commands import score as _score  # noqa: E402
 from medvl.commands import tiny as _tiny  # noqa: E402
 from medvl.commands import train as _train  # noqa: E402
 
@@ -57,6 +58,7 @@ COMMANDS = {  # in the order of the recipe; `medvl --help` lists them so
     "inspect-data": _prepare.inspect_data,
     "train": _train.train,
     "eval": _evaluate.evaluate,
+    "score": _score.score,
     "export": _export.export,
     "tiny": _tiny.tiny,
     "demo": _demo.demo,

@@ -76,11 +76,13 @@ def test_cli_end_to_end_writes_files_and_the_comparison_table(tiny_dir, bundle, 
         assert suite in table
     # Published HuatuoGPT-Vision 7B / 34B numbers beside ours: VQA-RAD 63.7 / 68.1, PMC-VQA 54.3 / 58.2.
     vqa_rad = next(line for line in table.splitlines() if "vqa-rad" in line)
-    ours = 100 * huatuo["datasets"]["VQA-RAD_test"]["acc"]
-    strict = 100 * results["scorers"]["strict"]["datasets"]["VQA-RAD_test"]["acc"]
+    ours = {k: 100 * results["scorers"][k]["datasets"]["VQA-RAD_test"]["acc"]
+            for k in ("huatuo", "reader", "strict")}
     cells = [cell.strip() for cell in vqa_rad.split("│")[1:-1]]
-    # suite, n, huatuo, strict, HGV-7B, HGV-34B, 7B rerun, LLaVA-Med-7B, LLaVA-v1.6-34B
-    assert cells == ["vqa-rad", "3", f"{ours:.1f}", f"{strict:.1f}", "63.7", "68.1", "61.4", "51.4", "58.6"]
+    # suite, n, huatuo, reader, strict, gap, HGV-7B, HGV-34B, 7B rerun, LLaVA-Med-7B, LLaVA-v1.6-34B
+    assert cells == ["vqa-rad", "3", f"{ours['huatuo']:.1f}", f"{ours['reader']:.1f}", f"{ours['strict']:.1f}",
+                     f"{ours['huatuo'] - ours['reader']:+.1f}", "63.7", "68.1", "61.4", "51.4", "58.6"]
+    assert 100 * results["scorer_gap"]["datasets"]["VQA-RAD_test"] == pytest.approx(ours["huatuo"] - ours["reader"])
     assert "54.3" in next(line for line in table.splitlines() if "pmc-vqa" in line)
     assert "mmmu-medical *" in table and "TEST-set" in table  # the caveat: published MMMU is the test split
     assert "X-Ray" in table and "overall (micro)" in table

@@ -19,6 +19,7 @@ from medvl.evaluate import (
     write_predictions,
     write_results,
 )
+from medvl.evaluate.scoring import Unscorable
 from medvl.evaluate.suites import EvalItem, EvalSet
 
 # The published pattern, verbatim from the reference notes (scorer.py `match_choice3`): the oracle only.
@@ -93,24 +94,65 @@ def test_fallback_option_text_then_similarity_then_none():
     assert parse_output("qqq", YES_NO) == parse_output("", YES_NO)
 
 
-def test_verdicts_case_sensitive_and_strict_beside_huatuo():
-    outputs = {1: "B", 2: "b) cyst", 3: "Pleural effusion", 4: "I think it's b.", 5: "", 6: "The answer is C"}
+def test_three_verdicts_side_by_side():
+    outputs = {1: "B", 2: "b) cyst", 3: "Pleural effusion", 4: "I think it's b.", 5: "", 6: "The answer is C",
+               7: "A or B", 8: "(b)"}
     scores = score((item(i), out) for i, out in outputs.items())  # gold is B everywhere
-    rows = {s.item.test_id: (s.letter, s.method, s.verdicts["huatuo"], s.verdicts["strict"]) for s in scores.items}
+    rows = {s.item.test_id: (s.letter, s.method, s.reading, s.verdicts["huatuo"], s.verdicts["reader"],
+                             s.verdicts["strict"]) for s in scores.items}
     assert rows == {
-        1: ("B", "letter", True, True),
-        2: ("b", "letter", False, False),  # a lowercase hit is always wrong
-        3: ("B", "option_text", True, False),  # where the published scorer crashes
-        4: ("I", "letter", False, False),
-        5: (None, "none", False, False),
-        6: ("C", "letter", False, False),
+        1: ("B", "letter", "B", True, True, True),
+        2: ("b", "letter", "B", False, True, False),  # published: a lowercase hit is always wrong
+        3: ("B", "option_text", "B", True, True, True),  # the exact option text is that option
+        4: ("I", "letter", "B", False, True, False),
+        5: (None, "none", None, False, False, False),
+        6: ("C", "letter", "C", False, False, False),
+        7: ("B", "letter", None, True, False, False),  # published reads the last letter; a reader, two options
+        8: ("b", "letter", "B", False, True, False),
     }
-    huatuo, strict = scores.results["huatuo"], scores.results["strict"]
-    assert (huatuo.overall.correct, huatuo.overall.n) == (2, 6)
-    assert (strict.overall.correct, strict.overall.n) == (1, 6)
-    # no letter: 3 and 5; no option letter named: 2 (lowercase), 3, 4 ("I" with 4 options), 5
-    assert scores.counts["no_letter"] == 2 and scores.counts["no_option"] == 4
-    assert scores.counts["parsed_letter"] == 4 and scores.counts["parsed_option_text"] == 1
+    results = {name: (r.overall.correct, r.overall.n) for name, r in scores.results.items()}
+    assert results == {"huatuo": (3, 8), "reader": (5, 8), "strict": (2, 8)}
+    # no letter: 3 and 5; strict names no option: 2 and 8 (lowercase), 4 ("I" with 4 options), 5. In 7 the
+    # letter rule skips "A " (the article) and reads B; strict names B but the reader reads two options: wrong.
+    assert scores.counts["no_letter"] == 2
+    assert [s.item.test_id for s in scores.items if not s.names_option] == [2, 4, 5, 8]
+    assert (scores.counts["reader_ambiguous"], scores.counts["reader_none"]) == (1, 1)
+    assert scores.counts["parsed_letter"] == 6 and scores.counts["parsed_option_text"] == 1
+
+
+@pytest.mark.parametrize(
+    ("output", "options", "answer", "strict"),
+    [
+        # another option's text that contains the gold letter: the letter rule reads the gold, strict must not
+        ("B-cell lymphoma", ("B-cell lymphoma", "T-cell lymphoma", "Hodgkin lymphoma"), "T-cell lymphoma", False),
+        ("Vitamin C deficiency", ("Iron deficiency", "Folate deficiency", "Vitamin B12 deficiency",
+                                  "Vitamin C deficiency"), "Vitamin B12 deficiency", False),
+        ("vitamin c deficiency.", ("Iron deficiency", "Folate deficiency", "Vitamin B12 deficiency",
+                                   "Vitamin C deficiency"), "Vitamin C deficiency", True),
+        ("B-cell lymphoma", ("B-cell lymphoma", "T-cell lymphoma"), "B-cell lymphoma", True),
+        ("B", ("B-cell lymphoma", "T-cell lymphoma"), "T-cell lymphoma", True),
+        ("Hepatitis B", ("Hepatitis A", "Hepatitis B", "Cirrhosis"), "Hepatitis B", True),
+        ("Hepatitis A", ("Hepatitis A", "Hepatitis B", "Cirrhosis"), "Hepatitis B", False),
+    ],
+)
+def test_strict_an_exact_option_text_is_that_option(output, options, answer, strict):
+    scored = score([(item(1, options=options, answer=answer), output)]).items[0]
+    assert scored.verdicts["strict"] is strict
+    assert scored.verdicts["reader"] is strict  # the reader agrees on these
+
+
+def test_strict_fix_cases_from_the_issue_were_credited_by_the_letter_rule():
+    """The two cases of issue 13: the published letter rule reads the gold letter out of the wrong option."""
+    lymph = item(1, options=("B-cell lymphoma", "T-cell lymphoma"), answer="T-cell lymphoma")
+    vitamin = item(2, options=("Iron", "Folate", "Vitamin C deficiency", "Vitamin C deficiency (scurvy)"),
+                   answer="Vitamin C deficiency (scurvy)")
+    gold_c = item(3, options=("Iron deficiency", "Folate deficiency", "Vitamin B12 deficiency",
+                              "Vitamin C deficiency"), answer="Vitamin B12 deficiency")
+    scores = score([(lymph, "B-cell lymphoma"), (vitamin, "Vitamin C deficiency"), (gold_c, "Vitamin C deficiency")])
+    assert [s.letter for s in scores.items] == ["B", "C", "C"]
+    assert [s.verdicts["huatuo"] for s in scores.items] == [True, False, True]
+    assert [s.verdicts["strict"] for s in scores.items] == [False, False, False]
+    assert [s.strict_letter for s in scores.items] == ["A", "C", "D"]
 
 
 def test_filters_in_upstream_order_duplicates_first_wins():
@@ -143,9 +185,29 @@ def test_gold_not_among_options_is_a_clear_error_naming_test_id_and_dataset():
     assert score([(item(3, options=opts, answer="o1"), "B")]).results["huatuo"].overall.correct == 1
 
 
+def test_report_mode_scores_the_rest_and_lists_the_unscorable():
+    opts = tuple(f"o{i}" for i in range(12))
+    rejected = [Unscorable(9, "PMC-VQA_test", "missing field 'options'")]
+    scores = score([(item(1), "B"), (item(7, answer="pleural effusion", dataset="SLAKE_test"), "B"),
+                    (item(7, dataset="SLAKE_test"), "B"),  # a padding duplicate of 7: still dropped, first wins
+                    (item(2, options=opts, answer="o11"), "A"), (item(3), "A")],
+                   unscorable="report", rejected=rejected)
+    assert [s.item.test_id for s in scores.items] == [1, 3]
+    assert [(u.test_id, u.dataset) for u in scores.unscorable] == [(9, "PMC-VQA_test"), (7, "SLAKE_test"),
+                                                                    (2, "VQA-RAD_test")]
+    assert "not among the options" in scores.unscorable[1].reason and "past the 11" in scores.unscorable[2].reason
+    assert scores.counts["unscorable"] == 3 and scores.counts["duplicates"] == 1
+    assert scores.results["huatuo"].overall.as_dict() == {"acc": 0.5, "n": 2, "correct": 1}
+    assert "SLAKE_test" not in scores.results["reader"].datasets
+    results = results_dict(scores)
+    assert results["unscorable"][0] == {"test_id": 9, "dataset": "PMC-VQA_test",
+                                        "reason": "missing field 'options'"}
+    assert results["counts"]["unscorable"] == 3
+
+
 def mixed_scores():
     predictions = []
-    # VQA-RAD 2/4 (strict 1/4), OmniMedVQA 6/6 over two subsets: micro overall 8/10 = 0.8 (macro would be 0.75)
+    # VQA-RAD 2/4 (strict, reader 2/4), OmniMedVQA 6/6 over two subsets: micro overall 8/10 = 0.8 (macro: 0.75)
     for i, out in enumerate(["B", "A", "Pleural effusion", "Cardiomegaly"], 1):
         predictions.append((item(i), out))
     for i in range(6):
@@ -169,8 +231,12 @@ def test_report_files_and_upstream_shape(tmp_path):
     scores = mixed_scores()
     eval_set = EvalSet([], tmp_path / "data.json", ("VQA-RAD_test", "OmniMedVQA"), 13, open_skipped=2)
     results = results_dict(scores, eval_set, meta={"model": "tiny"})
-    assert list(results["scorers"]) == ["huatuo", "strict"]
-    assert results["scorers"]["strict"]["datasets"]["VQA-RAD_test"] == {"acc": 0.25, "n": 4, "correct": 1}
+    assert list(results["scorers"]) == ["huatuo", "reader", "strict"]
+    # "Pleural effusion" is now option B exactly for strict; "A" and "Cardiomegaly" stay wrong
+    assert results["scorers"]["strict"]["datasets"]["VQA-RAD_test"] == {"acc": 0.5, "n": 4, "correct": 2}
+    assert results["scorers"]["reader"]["datasets"]["VQA-RAD_test"] == {"acc": 0.5, "n": 4, "correct": 2}
+    assert results["scorer_gap"] == {"overall": 0.0, "datasets": {"VQA-RAD_test": 0.0, "OmniMedVQA": 0.0}}
+    assert results["unscorable"] == []
     assert results["counts"]["open_skipped"] == 2 and results["counts"]["no_letter"] == 2
     assert results["data"]["records_in_file"] == 13 and results["meta"] == {"model": "tiny"}
     assert upstream_result(scores) == {
@@ -185,7 +251,8 @@ def test_report_files_and_upstream_shape(tmp_path):
     assert row == {
         "test_id": 4, "dataset": "VQA-RAD_test", "subset": "", "question": "q4", "options": list(FOUR),
         "gold": "Pleural effusion", "gold_letter": "B", "images": [], "output": "Cardiomegaly", "letter": "C",
-        "method": "option_text", "verdicts": {"huatuo": False, "strict": False},
+        "method": "option_text", "strict_letter": "C", "reading": "C", "reading_rule": "first sentence",
+        "verdicts": {"huatuo": False, "reader": False, "strict": False},
     }  # fmt: skip
 
 
@@ -195,7 +262,7 @@ def test_comparison_rows_carry_published_numbers_and_the_mmmu_caveat():
     assert list(rows) == ["vqa-rad", "mmmu-medical", "Mine"]
     rad = rows["vqa-rad"]
     assert (rad.ours, rad.n, rad.huatuo_7b, rad.huatuo_34b, rad.rerun_7b) == (
-        {"huatuo": 100.0, "strict": 100.0}, 1, 63.7, 68.1, 61.35,
+        {"huatuo": 100.0, "reader": 100.0, "strict": 100.0}, 1, 63.7, 68.1, 61.35,
     )  # fmt: skip
     assert rad.baselines["LLaVA-Med-7B"] == 51.4 and len(rad.baselines) == 11 and rad.comparable
     mmmu = rows["mmmu-medical"]

@@ -10,6 +10,10 @@ The order a caller (the `medvl eval` command, the training loop) follows:
     write_predictions(run / "predictions.jsonl", scores)
     write_results(run / "results.json", scores, eval_set, meta={...})
     rows     = comparison_rows(scores)                                   # for the rich table
+
+Re-scoring answers already generated (medvl's predictions.jsonl or the published eval.py output), no model:
+
+    run = rescore("runs/eval/predictions.jsonl", out_dir="runs/rescored")  # scores, rows, unscorable listed
 """
 
 from medvl.evaluate.report import (
@@ -20,10 +24,13 @@ from medvl.evaluate.report import (
     comparison_rows,
     prediction_row,
     results_dict,
+    scorer_gap,
     upstream_result,
     write_predictions,
     write_results,
 )
+from medvl.evaluate.reader import Reading, read_answer
+from medvl.evaluate.rescore import Rescore, load_predictions, rescore
 from medvl.evaluate.scoring import (
     METHODS,
     SCORERS,
@@ -32,6 +39,7 @@ from medvl.evaluate.scoring import (
     ScoredItem,
     ScorerResult,
     Scores,
+    Unscorable,
     letter_rule,
     parse_output,
     score,
@@ -52,9 +60,9 @@ from medvl.evaluate.suites import (
 
 __all__ = [
     "ALL", "LETTERS", "METHODS", "MMMU_VALIDATION", "PUBLISHED", "SCORERS", "SUITES",
-    "Accuracy", "ComparisonRow", "EvalItem", "EvalSet", "ImageProblem", "Parsed", "Reference", "ScoredItem",
-    "ScorerResult", "Scores",
-    "build_prompt", "check_images", "comparison_rows", "letter_rule", "load_suites", "parse_output",
-    "prediction_row", "read_records", "resolve_suites", "results_dict", "score", "upstream_result",
-    "write_predictions", "write_results",
+    "Accuracy", "ComparisonRow", "EvalItem", "EvalSet", "ImageProblem", "Parsed", "Reading", "Reference",
+    "Rescore", "ScoredItem", "ScorerResult", "Scores", "Unscorable",
+    "build_prompt", "check_images", "comparison_rows", "letter_rule", "load_predictions", "load_suites",
+    "parse_output", "prediction_row", "read_answer", "read_records", "rescore", "resolve_suites", "results_dict",
+    "score", "scorer_gap", "upstream_result", "write_predictions", "write_results",
 ]  # fmt: skip

@@ -84,6 +84,11 @@ class ComparisonRow:
     comparable: bool = True  # False for MMMU (test vs validation) and datasets without published numbers
     note: str = ""
 
+    @property
+    def scorer_gap(self) -> float:
+        """Published scorer minus reader, in points: how much of a published-style number is the scorer."""
+        return self.ours["huatuo"] - self.ours["reader"]
+
 
 def comparison_rows(scores: Scores) -> list[ComparisonRow]:
     """One row per scored dataset, in the order scored, with the published numbers where they exist."""
@@ -119,10 +124,21 @@ def upstream_result(scores: Scores, scorer: str = "huatuo") -> dict[str, float]:
     return flat
 
 
-def results_dict(scores: Scores, eval_set: EvalSet | None = None, meta: Mapping | None = None) -> dict:
-    """Everything `results.json` holds: per scorer {overall, datasets, subsets}, counts, the data, upstream form."""
+def scorer_gap(scores: Scores) -> dict:
+    """huatuo minus reader accuracy (fractions, as the accuracies): overall and per dataset."""
+    huatuo, reader = scores.results["huatuo"], scores.results["reader"]
+    return {
+        "overall": huatuo.overall.acc - reader.overall.acc,
+        "datasets": {d: acc.acc - reader.datasets[d].acc for d, acc in huatuo.datasets.items()},
+    }
+
+
+def results_dict(scores: Scores, eval_set: EvalSet | None = None, meta: Mapping | None = None,
+                 data: Mapping | None = None) -> dict:
+    """Everything `results.json` holds: per scorer {overall, datasets, subsets}, the huatuo - reader gap,
+    counts, the records left out as unscorable, the data (plus `data`), the upstream form, and `meta`."""
     counts = dict(scores.counts)
-    data: dict = {"items_scored": len(scores.items)}
+    data = {"items_scored": len(scores.items), **(data or {})}
     if eval_set is not None:
         # The loader drops open and option-less items before generation; the scorer counts any that reach it.
         counts["open_skipped"] += eval_set.open_skipped
@@ -135,7 +151,9 @@ def results_dict(scores: Scores, eval_set: EvalSet | None = None, meta: Mapping 
         )
     return {
         "scorers": {name: result.as_dict() for name, result in scores.results.items()},
+        "scorer_gap": scorer_gap(scores),
         "counts": counts,
+        "unscorable": [u.as_dict() for u in scores.unscorable],
         "data": data,
         "upstream_format": upstream_result(scores),
         "meta": dict(meta or {}),
@@ -156,14 +174,19 @@ def prediction_row(scored: ScoredItem) -> dict:
         "output": scored.output,
         "letter": scored.letter,
         "method": scored.method,
+        "strict_letter": scored.strict_letter,
+        "reading": scored.reading,
+        "reading_rule": scored.reading_rule,
         "verdicts": dict(scored.verdicts),
     }
 
 
 def write_results(
-    path: str | Path, scores: Scores, eval_set: EvalSet | None = None, meta: Mapping | None = None
+    path: str | Path, scores: Scores, eval_set: EvalSet | None = None, meta: Mapping | None = None,
+    data: Mapping | None = None,
 ) -> Path:
-    return _write_atomic(Path(path), json.dumps(results_dict(scores, eval_set, meta), indent=2, ensure_ascii=False))
+    results = results_dict(scores, eval_set, meta, data)
+    return _write_atomic(Path(path), json.dumps(results, indent=2, ensure_ascii=False))
 
 
 def write_predictions(path: str | Path, scores: Scores) -> Path:

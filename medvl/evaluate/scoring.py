@@ -1,11 +1,16 @@
-"""Scoring: model outputs -> verdicts and accuracies, the published way (`huatuo`) and a stricter way (`strict`).
+"""Scoring: model outputs -> verdicts and accuracies: the published way (`huatuo`), as a careful reader would
+(`reader`, see reader.py), and strictly (`strict`).
 
 `huatuo` gives the published verdict (HuatuoGPT-Vision `scorer.py`, `score_mix_llava` + `match_choice3`) on every
 output the published scorer can score, i.e. every output with a stand-alone letter. On the others the
 published code crashes the whole run (its fallback is handed the whole record instead of the options and
 calls `.lower()` on a list), so `huatuo` does what that code intended: the option whose text occurs last in
 the lower-cased output, else the most similar option text (difflib ratio, ties -> the later option).
-`strict` takes the letter rule alone: no letter naming one of the item's options means wrong, and is counted.
+`reader` credits what a careful human reader takes the answer to name, and nothing when the answer names no
+option or two different ones. `strict` is the lower bound: the letter rule alone (exact case), except that an
+output which is exactly an option's text is that option ("B-cell lymphoma" is option A's text, not the letter
+B), and only where the reader reads the same option ("A or B" names two: wrong). No letter naming one of the
+item's options means wrong, and is counted.
 
 Filtering is upstream's, in upstream's order: open questions, then a `test_id` already kept (first wins; that
 removes accelerate's padding duplicates), then empty option lists. The overall accuracy is micro:
@@ -20,9 +25,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from medvl.errors import MedvlError
+from medvl.evaluate.reader import exact_option, read_answer
 from medvl.evaluate.suites import LETTERS, UNKNOWN_GOLD, EvalItem, gold_problem
 
-SCORERS = ("huatuo", "strict")
+SCORERS = ("huatuo", "reader", "strict")
 METHODS = ("letter", "option_text", "similarity", "none")
 
 # The published stand-alone letter rule. The first match in the text wins: a letter A-N of either case, after
@@ -81,11 +87,14 @@ class ScoredItem:
     letter: str | None  # parsed by the huatuo chain
     method: str  # how: letter | option_text | similarity | none
     verdicts: dict[str, bool]  # scorer name -> correct
+    strict_letter: str | None = None  # the exact option text's letter, else the letter rule's (case kept)
+    reading: str | None = None  # the option a careful reader takes the answer to name (reader.py)
+    reading_rule: str = "none"  # which scope decided: reader.RULES
 
     @property
     def names_option(self) -> bool:
-        """The letter rule named one of this item's option letters (exact case): what `strict` accepts."""
-        return self.method == "letter" and self.letter in LETTERS[: len(self.item.options)]
+        """`strict` found one of this item's option letters (exact case, or the exact option text)."""
+        return self.strict_letter is not None and self.strict_letter in LETTERS[: len(self.item.options)]
 
 
 @dataclass(frozen=True)
@@ -116,23 +125,45 @@ class ScorerResult:
 
 
 @dataclass(frozen=True)
+class Unscorable:
+    """A record left out of every accuracy, and why (re-scoring lists these instead of refusing the batch)."""
+
+    test_id: int | None
+    dataset: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"test_id": self.test_id, "dataset": self.dataset, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class Scores:
     items: list[ScoredItem]
     results: dict[str, ScorerResult]  # scorer name -> result, in SCORERS order
     counts: dict[str, int] = field(default_factory=dict)
+    unscorable: list[Unscorable] = field(default_factory=list)
 
 
-def score(predictions: Iterable[tuple[EvalItem, str]]) -> Scores:
+def score(predictions: Iterable[tuple[EvalItem, str]], *, unscorable: str = "raise",
+          rejected: Sequence[Unscorable] = ()) -> Scores:
     """Score (item, raw model output) pairs with every scorer in SCORERS.
 
-    Raises MedvlError listing every kept item whose gold answer is not among its options (upstream dies on the
-    first with `assert False`). Counts: open_skipped, duplicates, empty_options, gold_unknown ("?" golds),
-    no_letter (outputs where the published scorer crashes), no_option (strict found no option letter: no
-    letter at all, a lowercase one, or one past the item's options), and parsed_<method> for each method.
+    A kept item whose gold answer is not among its options (upstream dies on the first with `assert False`):
+    with unscorable="raise" (the eval path, which already refused such records before generating) a
+    MedvlError lists them all; with "report" (re-scoring) they are left out, listed in `Scores.unscorable`
+    after the `rejected` records the caller could not even parse (their test_ids count as seen, so a later
+    padding duplicate is dropped, as upstream), and the rest is scored.
+    Counts: open_skipped, duplicates, empty_options, gold_unknown ("?" golds), unscorable, no_letter (outputs
+    where the published scorer crashes), no_option (strict found no option: no letter at all, a lowercase one,
+    or one past the item's options), reader_ambiguous (the answer names two options), reader_none (it names
+    none), and parsed_<method> for each method.
     """
+    if unscorable not in ("raise", "report"):
+        raise ValueError(f"unscorable must be 'raise' or 'report', got {unscorable!r}")
     counts = dict.fromkeys(("open_skipped", "duplicates", "empty_options", "gold_unknown"), 0)
     kept: list[tuple[EvalItem, str]] = []
-    seen: set[int] = set()
+    # First occurrence wins even when it could not be parsed: its padding duplicates are not scored instead.
+    seen: set[int] = {u.test_id for u in rejected if u.test_id is not None}
     for item, output in predictions:
         if item.question_type == "open":
             counts["open_skipped"] += 1
@@ -143,30 +174,38 @@ def score(predictions: Iterable[tuple[EvalItem, str]]) -> Scores:
         else:
             seen.add(item.test_id)
             kept.append((item, output))
-    problems = [p for p in (gold_problem(item) for item, _ in kept) if p]
-    if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    problems = {item.test_id: (item, p) for item, _ in kept if (p := gold_problem(item))}
+    if problems and unscorable == "raise":
+        lines = [p for _, p in problems.values()]
+        more = f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else ""
         raise MedvlError(
-            f"{len(problems)} item{'s' if len(problems) > 1 else ''} cannot be scored:\n  "
-            + "\n  ".join(problems[:10])
-            + more,
+            f"{len(lines)} item{'s' if len(lines) > 1 else ''} cannot be scored:\n  " + "\n  ".join(lines[:10]) + more,
             fix="'answer' must equal one of the option texts exactly; fix the evaluation file",
         )
-    scored = [_score_one(item, output) for item, output in kept]
+    left_out = [*rejected, *(Unscorable(t, item.dataset, p.removeprefix(f"test_id {t} ({item.dataset}): "))
+                             for t, (item, p) in problems.items())]
+    scored = [_score_one(item, output) for item, output in kept if item.test_id not in problems]
     counts["gold_unknown"] = sum(s.gold is None for s in scored)
+    counts["unscorable"] = len(left_out)
     counts["no_letter"] = sum(s.method != "letter" for s in scored)
     counts["no_option"] = sum(not s.names_option for s in scored)
+    counts["reader_ambiguous"] = sum(s.reading is None and s.reading_rule != "none" for s in scored)
+    counts["reader_none"] = sum(s.reading_rule == "none" for s in scored)
     for method in METHODS:
         counts[f"parsed_{method}"] = sum(s.method == method for s in scored)
-    return Scores(scored, {name: _aggregate(scored, name) for name in SCORERS}, counts)
+    return Scores(scored, {name: _aggregate(scored, name) for name in SCORERS}, counts, left_out)
 
 
 def _score_one(item: EvalItem, output: str) -> ScoredItem:
     gold = None if item.answer == UNKNOWN_GOLD else item.gold_letter
     parsed = parse_output(output, item.options)
     huatuo = gold is not None and parsed.letter == gold  # case-sensitive: "b" never equals "B"
-    strict = huatuo and parsed.method == "letter"
-    return ScoredItem(item, output, gold, parsed.letter, parsed.method, {"huatuo": huatuo, "strict": strict})
+    strict_letter = exact_option(output, item.options) or (parsed.letter if parsed.method == "letter" else None)
+    reading = read_answer(output, item.options)
+    verdicts = {"huatuo": huatuo, "reader": gold is not None and reading.letter == gold,
+                "strict": gold is not None and strict_letter == gold == reading.letter}
+    return ScoredItem(item, output, gold, parsed.letter, parsed.method, verdicts, strict_letter, reading.letter,
+                      reading.rule)
 
 
 def _aggregate(scored: Sequence[ScoredItem], scorer: str) -> ScorerResult:

@@ -117,16 +117,24 @@ def resolve_suites(names: str | Sequence[str], available: Sequence[str]) -> list
     return chosen
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """A JSON list (the published bundle) or JSONL (one record per line; blank lines skipped)."""
+BUNDLE_FIX = ("download Medical_Multimodal_Evaluation_Data (medical_multimodel_evaluation_data.json + images.zip "
+              "extracted next to it) from FreedomIntelligence/HuatuoGPT-Vision")
+
+
+def read_records(path: str | Path, *, kind: str = "evaluation file", fix: str = BUNDLE_FIX) -> list[dict]:
+    """A JSON list (the published bundle, eval.py's output) or JSONL (one record per line; blank lines skipped).
+
+    `kind` and `fix` word the errors for the file being read (an evaluation file, a predictions file).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise MedvlError(f"{kind} is a directory: {path}", fix=fix)
     if not path.is_file():
-        raise MedvlError(
-            f"evaluation file not found: {path}",
-            fix="download Medical_Multimodal_Evaluation_Data (medical_multimodel_evaluation_data.json + images.zip "
-            "extracted next to it) from FreedomIntelligence/HuatuoGPT-Vision",
-        )
-    text = path.read_text(encoding="utf-8")
+        raise MedvlError(f"{kind} not found: {path}", fix=fix)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MedvlError(f"{kind} is not UTF-8 text (byte {exc.start})", where=str(path), fix=fix) from None
     if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
         records = []
         for line_no, line in enumerate(text.splitlines(), 1):
@@ -135,7 +143,8 @@ def read_records(path: str | Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise MedvlError(f"invalid JSON: {exc.msg}", where=f"{path}:{line_no}") from None
+                raise MedvlError(f"invalid JSON: {exc.msg}", where=f"{path}:{line_no}",
+                                 fix=f"the {kind} must be a JSON list or JSONL, one object per line") from None
     else:
         try:
             records = json.loads(text)
@@ -143,12 +152,16 @@ def read_records(path: str | Path) -> list[dict]:
             raise MedvlError(f"invalid JSON: {exc.msg}", where=f"{path}:{exc.lineno}") from None
     bad = [i for i, r in enumerate(records, 1) if not isinstance(r, dict)]
     if bad:
-        raise MedvlError(f"{len(bad)} records are not JSON objects", where=f"{path}: record {bad[0]}")
+        raise MedvlError(f"{len(bad)} records are not JSON objects", where=f"{path}: record {bad[0]}",
+                         fix=f"the {kind} must be a JSON list or JSONL of objects")
     return records
 
 
-def parse_item(record: Mapping, test_id: int, root: Path) -> EvalItem:
-    """One record -> EvalItem; raises MedvlError naming the field. Gold membership is checked by the caller."""
+def parse_item(record: Mapping, test_id: int, root: Path, *, resolve_images: bool = True) -> EvalItem:
+    """One record -> EvalItem; raises MedvlError naming the field. Gold membership is checked by the caller.
+
+    `resolve_images=False` keeps image paths as written (re-scoring never opens them; resolving 17k paths
+    costs a file-system walk each)."""
     for key in ("question", "options", "answer", "dataset"):
         if key not in record:
             raise MedvlError(f"missing field '{key}'")
@@ -165,7 +178,8 @@ def parse_item(record: Mapping, test_id: int, root: Path) -> EvalItem:
         question=record["question"],
         options=options,
         answer=str(record["answer"]),
-        images=tuple(str((root / p).resolve()) for p in images),  # absolute `p` wins, as os.path.join
+        # absolute `p` wins, as os.path.join
+        images=tuple(str((root / p).resolve()) if resolve_images else str(p) for p in images),
         question_type=record.get("question_type"),
     )
 
