@@ -270,6 +270,7 @@ def export(source: str | Path, out: str | Path, *, dtype: str = "bf16", max_shar
         progress.note(f"writing {dtype} safetensors shards of at most {max_shard_size}")
         model.save_pretrained(tmp, max_shard_size=shard_bytes)
         processor.save_pretrained(tmp)
+        write_preprocessor_config(tmp, processor)
         carry_video_config(tmp, src)
         big = is_big(model)
         del model  # one copy in memory at a time: the reload comes next
@@ -286,6 +287,15 @@ def export(source: str | Path, out: str | Path, *, dtype: str = "bf16", max_shar
         size = sum(p.stat().st_size for p in shards)
     return ExportResult(out, src.kind, src.family.name, cls_name, dtype, src.base, files, len(shards), size,
                         parity, text, round(time.perf_counter() - t0, 2))
+
+
+def write_preprocessor_config(path: Path, processor) -> None:
+    """transformers 5 keeps the image processor's settings inside processor_config.json; serving stacks built on
+    transformers 4 (vLLM releases among them) and the published checkpoints read preprocessor_config.json. Write
+    both: the same settings, so either reader gets the resolution the model was trained at."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None and not (path / "preprocessor_config.json").exists():
+        image_processor.save_pretrained(path)
 
 
 def carry_video_config(path: Path, src: Source) -> None:
