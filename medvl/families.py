@@ -5,9 +5,11 @@ A family is detected from `config.json`'s `model_type`, never from a directory n
 
 For each family the table says which transformers class holds the model, how to build its processor, where
 its vision tower / projector / language model live in the parameter names (both the layout transformers uses
-since 4.52, `model.language_model.*`, and the older one, `model.*` + `visual.*`), which LoRA targets stay inside
-the language model, and how a chat turn ends. This module imports nothing heavy: completion and the recipe
-checker read it.
+since 4.52, `model.language_model.*`, and the older one, `model.*` + `visual.*`) and which LoRA targets stay inside
+the language model. How a chat turn is laid out and ends is *not* in this table: training reads it off each
+checkpoint's own chat template (medvl/data/turns.py), since one family holds checkpoints with different templates
+(llava-1.5-hf `USER:/ASSISTANT:`, HuatuoGPT-Vision-hf `<|user|>/<|assistant|>`, ChatML on Qwen2 backbones).
+This module imports nothing heavy: completion and the recipe checker read it.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ class Family:
     layout: Layout
     legacy_layout: Layout | None  # pre-4.52 checkpoints; None where the family is newer than that
     image_token: str | None  # the token the processor expands into visual tokens
-    end_of_turn: str  # trained as part of every assistant turn
-    default_system: str | None  # what the stock chat template inserts when no system turn is given
+    end_of_turn: str  # the end of turn of the template medvl.tiny writes (a real checkpoint's comes from its template)
+    default_system: str | None  # what medvl.tiny's template inserts when no system turn is given
     mrope: bool = False  # 3-D rotary position ids (Qwen-VL): packing must build them per sample
     notes: str = ""
     # LoRA on the language model only: a plain ["q_proj", ...] list also wraps the Qwen vision blocks'
@@ -120,8 +122,8 @@ FAMILIES: dict[str, Family] = {
         processor_class="LlavaProcessor", image_processor_class="CLIPImageProcessorPil",
         has_video_processor=False, layout=_HF_VLM_LAYOUT, legacy_layout=_HF_VLM_LEGACY,
         image_token="<image>", end_of_turn=_CHATML_END, default_system=None,
-        notes="transformers LlavaForConditionalGeneration (e.g. HuatuoGPT-Vision-7B-hf); end of turn follows "
-              "the text model's template (ChatML for Qwen2 backbones).",
+        notes="transformers LlavaForConditionalGeneration: llava-1.5-hf, and HuatuoGPT-Vision-7B-hf / -34B-hf "
+              "(Qwen2 / Yi backbones, `<|user|>`/`<|assistant|>` template, eos `<|endoftext|>`).",
         extra={"vision_lora": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
                "projector_lora": ("linear_1", "linear_2")},
     ),
@@ -139,9 +141,29 @@ FAMILIES: dict[str, Family] = {
         processor_class=None, image_processor_class=None, has_video_processor=False,
         layout=Layout(vision=(), projector=(), language=("model.",)), legacy_layout=None,
         image_token=None, end_of_turn=_CHATML_END, default_system=None,
-        notes="text-only medical dialogue SFT (DISC-MedLLM style); end of turn is read from the tokenizer's "
-              "template for Llama checkpoints.",
+        notes="text-only medical dialogue SFT (DISC-MedLLM style); Qwen2/2.5/3 and Llama checkpoints.",
     ),
+    "glm4": Family(
+        name="glm4", model_types=("glm", "glm4"), model_class="AutoModelForCausalLM",
+        processor_class=None, image_processor_class=None, has_video_processor=False,
+        layout=Layout(vision=(), projector=(), language=("model.",)), legacy_layout=None,
+        image_token=None, end_of_turn="<|endoftext|>", default_system=None,
+        notes="GLM-4 text models in transformers form: glm-4-9b-chat-hf (`glm`) and GLM-4-0414 (`glm4`); "
+              "`[gMASK]<sop><|user|>\\n...<|assistant|>\\n...` template.",
+        # GLM fuses the MLP's gate and up projections into one gate_up_proj
+        lora_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    ),
+}
+
+# Checkpoints in their original, remote-code form: what they are and which transformers form to use instead.
+ORIGINAL_FORMS = {
+    "llava_qwen2": "HuatuoGPT-Vision-7B in its original LLaVA (remote-code) form; use the transformers form "
+                   "FreedomIntelligence/HuatuoGPT-Vision-7B-hf",
+    "llava_llama": "a LLaVA checkpoint in its original training-repo form (e.g. HuatuoGPT-Vision-34B); use the "
+                   "transformers form (FreedomIntelligence/HuatuoGPT-Vision-34B-hf, llava-hf/llava-1.5-7b-hf)",
+    "internvl_chat": "InternVL in its remote-code chat form; use the transformers conversion, e.g. "
+                     "OpenGVLab/InternVL3-1B-hf",
+    "chatglm": "GLM-4 in its remote-code form (THUDM/glm-4-9b-chat); use the transformers form THUDM/glm-4-9b-chat-hf",
 }
 
 FAMILY_NAMES = tuple(FAMILIES)
@@ -151,6 +173,9 @@ def family_for_model_type(model_type: str) -> Family:
     for fam in FAMILIES.values():
         if model_type in fam.model_types:
             return fam
+    if model_type in ORIGINAL_FORMS:
+        raise MedvlError(f"model_type '{model_type}' is {ORIGINAL_FORMS[model_type].split(';')[0]}, which needs "
+                         "remote code and is not supported", fix=ORIGINAL_FORMS[model_type].split("; ", 1)[1])
     supported = ", ".join(f"{t} ({f.name})" for f in FAMILIES.values() for t in f.model_types)
     raise MedvlError(
         f"model_type '{model_type}' is not a supported family",
@@ -159,17 +184,23 @@ def family_for_model_type(model_type: str) -> Family:
     )
 
 
-def detect_family(model_dir: str | Path) -> Family:
-    """Family of a checkpoint from its config.json `model_type`: a local directory, or a hub id already in the
-    Hugging Face cache (read from the cache; with HF_HUB_OFFLINE=1 nothing is fetched)."""
+def read_config(model_dir: str | Path) -> dict:
+    """config.json of a local directory, or of a hub id already in the Hugging Face cache (read from the cache;
+    with HF_HUB_OFFLINE=1 nothing is fetched)."""
     cfg_path = Path(model_dir) / "config.json"
     if not cfg_path.is_file():
         cfg_path = _cached_config(str(model_dir))
     try:
-        model_type = json.loads(cfg_path.read_text())["model_type"]
-    except (ValueError, KeyError) as exc:
+        cfg = json.loads(cfg_path.read_text())
+        cfg["model_type"]
+    except (ValueError, KeyError, TypeError) as exc:
         raise MedvlError(f"config.json has no readable model_type ({exc})", where=str(cfg_path)) from None
-    return family_for_model_type(model_type)
+    return cfg
+
+
+def detect_family(model_dir: str | Path) -> Family:
+    """Family of a checkpoint from its config.json `model_type` (a local directory or a cached hub id)."""
+    return family_for_model_type(read_config(model_dir)["model_type"])
 
 
 def _cached_config(model: str) -> Path:

@@ -13,8 +13,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava", "internvl", "causal-lm")
-VISION_FAMILIES = FAMILIES[:-1]
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava", "internvl", "causal-lm", "glm4")
+VISION_FAMILIES = FAMILIES[:5]
 
 
 def pytest_collection_modifyitems(config, items):
