@@ -56,6 +56,9 @@ class Family:
     # LoRA on the language model only: a plain ["q_proj", ...] list also wraps the Qwen vision blocks'
     # gate/up/down projections (6 extra modules on the tiny model; see environment.md section 5).
     lora_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # extra: LoRA module names of the vision tower / projector, patch geometry, and `reference`: the hub id of
+    # the checkpoint whose real files are in tests/fixtures/real (a dry run plans from its cached config when the
+    # recipe's base does not exist yet)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -94,7 +97,7 @@ FAMILIES: dict[str, Family] = {
         has_video_processor=True, layout=_QWEN_VL_LAYOUT, legacy_layout=_QWEN_VL_LEGACY,
         image_token="<|image_pad|>", end_of_turn=_CHATML_END, default_system=_QWEN_SYSTEM, mrope=True,
         extra={"vision_lora": ("qkv", "attn.proj", "fc1", "fc2"), "projector_lora": ("mlp.0", "mlp.2"),
-               "patch_size": 14, "merge_size": 2},
+               "patch_size": 14, "merge_size": 2, "reference": "Qwen/Qwen2-VL-7B-Instruct"},
     ),
     "qwen2.5-vl": Family(
         name="qwen2.5-vl", model_types=("qwen2_5_vl",), model_class="Qwen2_5_VLForConditionalGeneration",
@@ -103,7 +106,8 @@ FAMILIES: dict[str, Family] = {
         image_token="<|image_pad|>", end_of_turn=_CHATML_END, default_system=_QWEN_SYSTEM, mrope=True,
         notes="HuatuoGPT-Vision-7B-Qwen2.5VL; the recipe this tool follows.",
         extra={"vision_lora": ("qkv", "attn.proj", "gate_proj", "up_proj", "down_proj"),
-               "projector_lora": ("mlp.0", "mlp.2"), "patch_size": 14, "merge_size": 2},
+               "projector_lora": ("mlp.0", "mlp.2"), "patch_size": 14, "merge_size": 2,
+               "reference": "Qwen/Qwen2.5-VL-7B-Instruct"},
     ),
     "qwen3-vl": Family(
         name="qwen3-vl", model_types=("qwen3_vl",), model_class="Qwen3VLForConditionalGeneration",
@@ -115,7 +119,8 @@ FAMILIES: dict[str, Family] = {
         legacy_layout=None,  # Qwen3-VL arrived after the 4.52 re-layout
         image_token="<|image_pad|>", end_of_turn=_CHATML_END, default_system=None, mrope=True,
         extra={"vision_lora": ("qkv", "attn.proj", "linear_fc1", "linear_fc2"),
-               "projector_lora": ("linear_fc1", "linear_fc2"), "patch_size": 16, "merge_size": 2},
+               "projector_lora": ("linear_fc1", "linear_fc2"), "patch_size": 16, "merge_size": 2,
+               "reference": "Qwen/Qwen3-VL-8B-Instruct"},
     ),
     "llava": Family(
         name="llava", model_types=("llava",), model_class="LlavaForConditionalGeneration",
@@ -125,7 +130,7 @@ FAMILIES: dict[str, Family] = {
         notes="transformers LlavaForConditionalGeneration: llava-1.5-hf, and HuatuoGPT-Vision-7B-hf / -34B-hf "
               "(Qwen2 / Yi backbones, `<|user|>`/`<|assistant|>` template, eos `<|endoftext|>`).",
         extra={"vision_lora": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-               "projector_lora": ("linear_1", "linear_2")},
+               "projector_lora": ("linear_1", "linear_2"), "reference": "llava-hf/llava-1.5-7b-hf"},
     ),
     "internvl": Family(
         name="internvl", model_types=("internvl",), model_class="InternVLForConditionalGeneration",
@@ -134,7 +139,7 @@ FAMILIES: dict[str, Family] = {
         image_token="<IMG_CONTEXT>", end_of_turn=_CHATML_END, default_system=None,
         notes="transformers InternVLForConditionalGeneration (the -hf checkpoints), not the remote-code chat model.",
         extra={"vision_lora": ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"),
-               "projector_lora": ("linear_1", "linear_2")},
+               "projector_lora": ("linear_1", "linear_2"), "reference": "OpenGVLab/InternVL3-1B-hf"},
     ),
     "causal-lm": Family(
         name="causal-lm", model_types=("qwen2", "qwen3", "llama"), model_class="AutoModelForCausalLM",
@@ -142,6 +147,7 @@ FAMILIES: dict[str, Family] = {
         layout=Layout(vision=(), projector=(), language=("model.",)), legacy_layout=None,
         image_token=None, end_of_turn=_CHATML_END, default_system=None,
         notes="text-only medical dialogue SFT (DISC-MedLLM style); Qwen2/2.5/3 and Llama checkpoints.",
+        extra={"reference": "Qwen/Qwen2.5-7B-Instruct"},
     ),
     "glm4": Family(
         name="glm4", model_types=("glm", "glm4"), model_class="AutoModelForCausalLM",
@@ -152,6 +158,7 @@ FAMILIES: dict[str, Family] = {
               "`[gMASK]<sop><|user|>\\n...<|assistant|>\\n...` template.",
         # GLM fuses the MLP's gate and up projections into one gate_up_proj
         lora_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+        extra={"reference": "THUDM/glm-4-9b-chat-hf"},
     ),
 }
 

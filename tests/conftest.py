@@ -87,4 +87,6 @@ def prepared_text(tmp_path_factory):
 @pytest.fixture
 def data_for(prepared_vqa, prepared_text):
     """data_for(family): a prepared set the family can train on (text-only models get text-only data)."""
-    return lambda family: prepared_text if family == "causal-lm" else prepared_vqa
+    from medvl.families import get_family
+
+    return lambda family: prepared_vqa if get_family(family).is_vision else prepared_text
