@@ -153,12 +153,13 @@ def _shrunk_processor(files: dict, family: Family, tok):
     if family.mrope:
         patch, merge = pre.get("patch_size", family.extra["patch_size"]), pre.get("merge_size", 2)
         factor = patch * merge
-        ip = T.Qwen2VLImageProcessorPil(size={"shortest_edge": 4 * factor * factor, "longest_edge": 64 * factor * factor},
-                                        patch_size=patch, merge_size=merge,
+        # 4..64 merged tokens per image, as medvl.tiny
+        size = {"shortest_edge": 4 * factor * factor, "longest_edge": 64 * factor * factor}
+        ip = T.Qwen2VLImageProcessorPil(size=size, patch_size=patch, merge_size=merge,
                                         temporal_patch_size=pre.get("temporal_patch_size", 2), **norm)
     elif family.name == "llava":
-        ip = T.CLIPImageProcessorPil(size={"shortest_edge": IMAGE_PX}, crop_size={"height": IMAGE_PX, "width": IMAGE_PX},
-                                     **norm)
+        ip = T.CLIPImageProcessorPil(size={"shortest_edge": IMAGE_PX},
+                                     crop_size={"height": IMAGE_PX, "width": IMAGE_PX}, **norm)
     else:
         ip = T.GotOcr2ImageProcessorPil(size={"height": IMAGE_PX, "width": IMAGE_PX}, crop_to_patches=False,
                                         max_patches=4, min_patches=1, **norm)

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from medvl.data.turns import PLACEHOLDER, TemplateError, check_template, to_template_messages, trained_turns
+# PLACEHOLDER, TemplateError and to_template_messages are imported from here by callers (eval, tests)
+from medvl.data.turns import (PLACEHOLDER, TemplateError, check_template, to_template_messages,  # noqa: F401
+                              trained_turns)
 from medvl.data.turns import render_with_spans as _render_with_spans
 from medvl.families import Family
 from medvl.models import tokenizer_of
 
 IGNORE = -100
-__all__ = ["PLACEHOLDER", "TemplateError", "check_template", "to_template_messages", "trained_turns"]
 # Keys whose second dimension is the token sequence; everything else the processor returns is per image.
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
