@@ -75,6 +75,7 @@ def shrunk_tokenizer(files: dict, family: Family):
         value = value.get("content") if isinstance(value, dict) else value
         if value:
             setattr(tok, role, value)
+    tok.add_bos_token = bool(tc.get("add_bos_token", False))  # llava-1.5 (Llama): <s> before every sequence
     tok.chat_template = files["chat_template"]
     tok.padding_side = "right"
     return tok

@@ -11,6 +11,9 @@ Nothing here knows a family's format. Everything is read off the checkpoint's ow
   assistant turn with no special token at all (llava-1.5-hf renders `ASSISTANT: text USER: ...`, HuatuoGPT-Vision
   `<|assistant|>\\ntext \\n`, GLM-4's last turn) get the tokenizer's eos inserted right after the text, as their
   own training code did (LLaVA's `</s>` separator, GLM-4's final eos); without it the model never learns to stop.
+- **BOS**: a tokenizer that puts a bos in front of what it tokenizes (llava-1.5's `<s>`) under a template that
+  does not write one gets it in front of the rendering, as the model's own processor call gives it; medvl
+  tokenizes rendered text without special tokens everywhere, so this is where the bos comes from.
 - **Image placeholders**: templates whose image block already ends in a newline (`<image>\\n` for LLaVA,
   `<IMG_CONTEXT>\\n` for InternVL) get the normalized `<image>\\nQ` as image + `Q`, so the prompt is the official
   one (`<image>\\nQ`) and not `<image>\\n\\nQ`.
@@ -40,6 +43,7 @@ class TurnFormat:
     specials: tuple[str, ...]  # the tokenizer's special tokens, longest first
     eos: str | None  # inserted after assistant text that no special token follows
     added: tuple[str, ...] = ()  # every added token, special or not (Qwen3's <think> is not special)
+    bos: str | None = None  # put in front when the tokenizer adds it and the template does not (llava-1.5's <s>)
 
 
 def _tokenizer(owner):
@@ -68,13 +72,25 @@ def turn_format(owner, vision: bool) -> TurnFormat:
         at = text.find(_PROBE_Q)
         image_newline = at > 0 and text[at - 1] == "\n"
     longest_first = lambda xs: tuple(sorted((x for x in xs if x), key=len, reverse=True))  # noqa: E731
+    # llava-1.5-hf's template has no <s>, its tokenizer adds one (add_bos_token): the model was trained with it
+    bos = tok.bos_token if getattr(tok, "bos_token", None) and _adds_bos(tok) else None
     fmt = TurnFormat(image_newline, longest_first(specials), getattr(tok, "eos_token", None),
-                     longest_first(added | specials))
+                     longest_first(added | specials), bos)
     try:
         owner._medvl_turn_format = fmt
     except AttributeError:
         pass
     return fmt
+
+
+def _adds_bos(tok) -> bool:
+    """Whether tokenizing with special tokens puts the bos in front (read off its behaviour: a saved tokenizer's
+    `add_bos_token` flag does not always survive a reload, its post-processor does)."""
+    try:
+        ids = tok("a", add_special_tokens=True)["input_ids"]
+    except Exception:
+        return False
+    return bool(ids) and ids[0] == tok.bos_token_id
 
 
 def to_template_messages(messages: list[dict], vision: bool, fmt: TurnFormat | None = None) -> list[dict]:
@@ -106,11 +122,18 @@ def trained_turns(messages: list[dict], loss_mask: str) -> list[int]:
     return idx
 
 
-def _render(owner, tmsgs, **kw) -> str:
+def _render(owner, tmsgs, fmt: TurnFormat, **kw) -> str:
     try:
-        return owner.apply_chat_template(tmsgs, tokenize=False, **kw)
+        text = owner.apply_chat_template(tmsgs, tokenize=False, **kw)
     except Exception as exc:  # jinja errors, "no chat template", raise_exception() inside the template
         raise TemplateError(f"the chat template does not render this conversation ({exc})") from None
+    return fmt.bos + text if fmt.bos and not text.startswith(fmt.bos) else text
+
+
+def render_prompt(owner, messages: list[dict], vision: bool) -> str:
+    """A generation prompt exactly as training renders the same turns (template, newline rule, bos)."""
+    fmt = turn_format(owner, vision)
+    return _render(owner, to_template_messages(messages, vision, fmt), fmt, add_generation_prompt=True)
 
 
 def _special_at(text: str, pos: int, specials: tuple[str, ...]) -> str | None:
@@ -125,10 +148,10 @@ def render_with_spans(owner, messages: list[dict], vision: bool, loss_mask: str 
     The text is the template's rendering plus the eos inserted where an assistant turn has no terminator."""
     fmt = turn_format(owner, vision)
     tmsgs = to_template_messages(messages, vision, fmt)
-    text = _render(owner, tmsgs)
+    text = _render(owner, tmsgs, fmt)
     spans, inserts = [], []
     for i in trained_turns(messages, loss_mask):
-        prefix = _render(owner, tmsgs[:i], add_generation_prompt=True)
+        prefix = _render(owner, tmsgs[:i], fmt, add_generation_prompt=True)
         if not text.startswith(prefix):
             raise TemplateError("the chat template renders the conversation before assistant turn "
                                 f"{i} differently from the full conversation, so the turn's start cannot be found")

@@ -311,15 +311,15 @@ class Generator:
 
     def prompt(self, item: EvalItem) -> Prompt:
         """The published prompt through the family's chat template: one user turn, its images first."""
-        from medvl.data.collate import PLACEHOLDER, to_template_messages
+        from medvl.data.collate import PLACEHOLDER
+        from medvl.data.turns import render_prompt
 
         images = item.images if self.family.is_vision else ()
         # A literal "<image>" in a question would become a placeholder without an image; the published chatbot
         # deletes it from user text too (input_moderation).
         query = build_prompt(item).replace(PLACEHOLDER, "")
         messages = [{"role": "user", "content": PLACEHOLDER * len(images) + query}]
-        text = self.processor.apply_chat_template(to_template_messages(messages, self.family.is_vision),
-                                                  tokenize=False, add_generation_prompt=True)
+        text = render_prompt(self.processor, messages, self.family.is_vision)
         return Prompt(item.test_id, text, tuple(images), _digest(self._run_key, text, *images))
 
     def measure(self, prompts: Sequence[Prompt]) -> None:
