@@ -41,7 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, Val
 
 from medvl.errors import MedvlError
 
-Family = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava", "internvl", "causal-lm"]
+Family = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava", "internvl", "causal-lm", "glm4"]
+TEXT_FAMILIES = ("causal-lm", "glm4")  # no vision tower or projector (medvl.families: processor_class None)
 DType = Literal["bf16", "fp16", "fp32"]
 Method = Literal["full", "lora", "qlora"]
 Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"]
@@ -435,8 +436,8 @@ def _check_method(r):
     if r.method == "full":
         if lora is not None:
             yield ("lora",), "set, but method is full; set method: lora (or qlora), or delete the lora section"
-        groups = [f.language_model] if r.model.family == "causal-lm" else [f.vision_tower, f.projector,
-                                                                           f.language_model]
+        groups = [f.language_model] if r.model.family in TEXT_FAMILIES else [f.vision_tower, f.projector,
+                                                                              f.language_model]
         if all(groups):
             yield ("freeze",), "every parameter group is frozen and method is full: nothing would train"
         return
@@ -456,10 +457,10 @@ def _check_method(r):
         yield ("freeze", "vision_tower"), "true, but lora.include_vision puts adapters there"
     if lora.include_projector and f.projector:
         yield ("freeze", "projector"), "true, but lora.include_projector puts adapters there"
-    if r.model.family == "causal-lm":
+    if r.model.family in TEXT_FAMILIES:
         for key in ("include_vision", "include_projector"):
             if getattr(lora, key):
-                yield ("lora", key), "a causal-lm has no vision tower or projector"
+                yield ("lora", key), f"a {r.model.family} model has no vision tower or projector"
 
 
 def _check_eval(r):

@@ -157,3 +157,13 @@ def test_hub_id_resolves_through_the_cache(tmp_path, monkeypatch):
     assert detect_family("medvl-test/tiny-vl").name == "qwen2.5-vl"
     with pytest.raises(MedvlError, match="hf download medvl-test/absent"):
         detect_family("medvl-test/absent")
+
+
+def test_recipe_family_literal_matches_the_table():
+    """A recipe may name every family of the table (model.family: glm4), and only those."""
+    import typing
+
+    from medvl.config import TEXT_FAMILIES, Family
+
+    assert typing.get_args(Family) == tuple(FAMILIES)
+    assert TEXT_FAMILIES == tuple(n for n, f in FAMILIES.items() if not f.is_vision)
