@@ -213,3 +213,12 @@ def test_prepare_measures_the_inserted_eos():
     fam = get_family("causal-lm")
     _, n, _ = measure(TEXT, [], tok, fam)
     assert n == len(encode_record(TEXT, [], tok, fam))
+
+
+def test_answer_ending_in_whitespace_keeps_the_templates_end_of_turn(qwen):
+    """"yes\\n" renders "yes\\n<|im_end|>": the <|im_end|> is the turn's end, no eos is inserted."""
+    _, proc, fam = qwen
+    rec = {"id": "w", "messages": [{"role": "user", "content": "is it?"}, {"role": "assistant", "content": "yes\n"}]}
+    enc = encode_record(rec, [], proc, fam)
+    assert _trained_text(enc, proc) == "yes\n<|im_end|>"
+    assert proc.tokenizer.decode(enc.input_ids).count("<|im_end|>") == 3  # system, user, assistant: none added

@@ -163,9 +163,12 @@ def render_with_spans(owner, messages: list[dict], vision: bool, loss_mask: str 
             raise TemplateError(f"the rendered template does not contain assistant turn {i}'s text right after "
                                 "its generation prompt")
         end = at + len(core)
-        term = _special_at(text, end, fmt.specials)
+        # whitespace the answer itself ends with ("yes\n" renders "yes\n<|im_end|>") or the template puts before
+        # its terminator (Llama-2's " </s>") belongs to the turn
+        after = end + len(text[end:]) - len(text[end:].lstrip())
+        term = _special_at(text, after, fmt.specials)
         if term is not None:
-            spans.append((start, end + len(term)))
+            spans.append((start, after + len(term)))
             continue
         if not fmt.eos:
             raise TemplateError(f"assistant turn {i} ends with no special token in the chat template and the "
