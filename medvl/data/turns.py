@@ -195,7 +195,8 @@ def check_template(owner, vision: bool, where: str = "") -> TurnFormat:
     """Refuse, once per processor, a chat template whose assistant spans cannot be found; returns its format."""
     if getattr(owner, "_medvl_template_checked", False):
         return turn_format(owner, vision)
-    where = where or "the model's chat template"
+    name = getattr(_tokenizer(owner), "name_or_path", "") or "the model"
+    where = where or f"{name} (its chat template)"
     if not getattr(owner, "chat_template", None) and not getattr(_tokenizer(owner), "chat_template", None):
         raise MedvlError("the model has no chat template, so the assistant turns to train cannot be found",
                          where=where, fix="use a checkpoint that ships chat_template.json (or a `chat_template` in "
