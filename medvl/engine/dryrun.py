@@ -45,18 +45,19 @@ def plan_config(base: str, family):
             raise MedvlError(
                 f"'{base}' is not on disk, so the dry run has no config to plan from", where=str(base),
                 fix=f"create or download the model first ({exc.fix}); or fetch only the config of the "
-                    f"{family.name} reference checkpoint, which has the same architecture, and the dry run plans "
-                    f"from it: `hf download {ref} config.json`") from None
+                    f"{family.name} reference checkpoint and the dry run plans with its sizes: "
+                    f"`hf download {ref} config.json`") from None
         return config_from_dict(raw), (f"'{base}' is not on disk yet: planned from the config of {ref} (Hugging "
-                                       "Face cache), the family's reference checkpoint")
+                                       "Face cache), the family's reference checkpoint; the sizes are that model's")
 
 
 def config_from_dict(raw: dict):
     """A transformers config from a config.json dict, with the head tied exactly as the checkpoint stores it.
 
-    A config.json with no `tie_word_embeddings` key at any level (InternVL3-1B-hf) was written when the untied
-    text default applied, and its checkpoint stores `lm_head.weight` on its own; transformers 5 would tie the head
-    by default and count 802,293,120 parameters instead of the checkpoint's 938,193,024 (the 151,674 x 896 head)."""
+    transformers 5 writes `tie_word_embeddings` into every config it saves. A config.json with the key at no level
+    (InternVL3-1B-hf) was written by transformers 4, where every supported text model's default was untied, and
+    its checkpoint stores `lm_head.weight` on its own; transformers 5's default would tie the head and count
+    802,293,120 parameters instead of the checkpoint's 938,193,024 (the 151,674 x 896 head)."""
     from transformers import AutoConfig
 
     kwargs = {k: v for k, v in raw.items() if k != "model_type"}
