@@ -318,3 +318,22 @@ def test_shrunk_real_checkpoint_prepare_train_eval_export_reload(name, shrunk, t
     a = dict(reloaded.state_dict())
     b = dict(load_model(final, family).state_dict())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name, expected", [
+    # upstream HuatuoGPT-Vision cli.py: one "<image>\n" per image before the question, then its role tags
+    ("HuatuoGPT-Vision-7B-hf", "<|user|>\n<image>\n{q}\n<|assistant|>\n"),
+    # llava-1.5-hf's model card prompt, with the <s> its tokenizer adds
+    ("llava-1.5-7b-hf", "<s>USER: <image>\n{q} ASSISTANT:"),
+    ("InternVL3-1B-hf", "<|im_start|>user\n<IMG_CONTEXT>\n{q}<|im_end|>\n<|im_start|>assistant\n"),
+])
+def test_eval_prompt_is_the_checkpoints_own(name, expected, shrunk):
+    from medvl.evaluate.generate import Decoding, Generator
+    from medvl.evaluate.suites import EvalItem, build_prompt
+    from medvl.models import load_model
+
+    out, proc = shrunk(name)
+    family = detect_family(out)
+    gen = Generator(load_model(out, family).eval(), proc, family, Decoding("greedy", max_new_tokens=2))
+    item = EvalItem(1, "VQA-RAD_test", "", "Is there a mass?", ("yes", "no"), "yes", ("/x/a.png",))
+    assert gen.prompt(item).text == expected.format(q=build_prompt(item))
