@@ -13,7 +13,7 @@ import typer
 
 # Keep in step with medvl.families.FAMILIES (tests/test_families.py checks it); duplicated here so that
 # completion never imports the families module.
-FAMILY_NAMES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava", "internvl", "causal-lm")
+FAMILY_NAMES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava", "internvl", "causal-lm", "glm4")
 
 
 def shipped_recipe_names() -> list[str]:

@@ -173,6 +173,8 @@ def render_dry_run(plan) -> None:
     from rich.table import Table
 
     console.print(Syntax(plan.resolved_yaml, "yaml", theme="ansi_dark", background_color="default"))
+    for note in plan.notes:
+        console.print(f"[yellow]note[/] {note}")
     TrainConsole(console)._print_table(plan.table)
     if plan.launch:
         from medvl.engine.launch import format_command

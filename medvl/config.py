@@ -37,7 +37,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, \
     model_validator
 
-from medvl.config_checks import INVALID, CrossCheckError, cross_check, recipe_summary, recipe_warnings
+from medvl.config_checks import INVALID, TEXT_FAMILIES, CrossCheckError, cross_check, recipe_summary, \
+    recipe_warnings
 from medvl.config_yaml import Dumper, Problem, YamlSyntax, apply_overrides, place, read_yaml, reword
 from medvl.errors import MedvlError
 from medvl.families import FAMILY_NAMES
@@ -46,7 +47,7 @@ from medvl.models import DTYPES
 __all__ = [
     "RESOLUTION_PRESETS", "DataSection", "DataSource", "DistributedSection", "EvalSection", "FreezeSection",
     "LoraSection", "ModelSection", "OptimSection", "OutputSection", "Problem", "Recipe", "RecipeError",
-    "TrainSection", "load_recipe", "recipe_summary", "recipe_to_yaml", "recipe_warnings", "resolve_recipe_path",
+    "TEXT_FAMILIES", "TrainSection", "load_recipe", "recipe_summary", "recipe_to_yaml", "recipe_warnings", "resolve_recipe_path",
     "shipped_recipes",
 ]
 

@@ -15,6 +15,8 @@ import re
 from medvl.config_yaml import Problem
 from medvl.families import FAMILIES
 
+TEXT_FAMILIES = tuple(n for n, f in FAMILIES.items() if not f.is_vision)  # no vision tower or projector
+
 # Pixel side of one visual token after the merge, for the families that take min/max_pixels (only for a
 # warning): patch_size x merge_size from the family table (Qwen2/2.5-VL 14 x 2 = 28, Qwen3-VL 16 x 2 = 32).
 _TOKEN_SIDE_PX = {f.name: f.extra["patch_size"] * f.extra["merge_size"] for f in FAMILIES.values()
@@ -98,7 +100,7 @@ def _check_method(r):
     if r.method == "full":
         if lora is not None:
             yield ("lora",), "set, but method is full; set method: lora (or qlora), or delete the lora section"
-        groups = [f.language_model] if r.model.family == "causal-lm" else [f.vision_tower, f.projector,
+        groups = [f.language_model] if r.model.family in TEXT_FAMILIES else [f.vision_tower, f.projector,
                                                                            f.language_model]
         if all(groups):
             yield ("freeze",), "every parameter group is frozen and method is full: nothing would train"
@@ -121,10 +123,10 @@ def _check_method(r):
         yield ("freeze", "vision_tower"), "true, but lora.include_vision puts adapters there"
     if lora.include_projector and f.projector:
         yield ("freeze", "projector"), "true, but lora.include_projector puts adapters there"
-    if r.model.family == "causal-lm":
+    if r.model.family in TEXT_FAMILIES:
         for key in ("include_vision", "include_projector"):
             if getattr(lora, key):
-                yield ("lora", key), "a causal-lm has no vision tower or projector"
+                yield ("lora", key), f"a {r.model.family} model has no vision tower or projector"
 
 
 def _check_eval(r):

@@ -5,9 +5,11 @@ A family is detected from `config.json`'s `model_type`, never from a directory n
 
 For each family the table says which transformers class holds the model, how to build its processor, where
 its vision tower / projector / language model live in the parameter names (both the layout transformers uses
-since 4.52, `model.language_model.*`, and the older one, `model.*` + `visual.*`), which LoRA targets stay inside
-the language model, and how a chat turn ends. This module imports nothing heavy: completion and the recipe
-checker read it.
+since 4.52, `model.language_model.*`, and the older one, `model.*` + `visual.*`) and which LoRA targets stay inside
+the language model. How a chat turn is laid out and ends is *not* in this table: training reads it off each
+checkpoint's own chat template (medvl/data/turns.py), since one family holds checkpoints with different templates
+(llava-1.5-hf `USER:/ASSISTANT:`, HuatuoGPT-Vision-hf `<|user|>/<|assistant|>`, ChatML on Qwen2 backbones).
+This module imports nothing heavy: completion and the recipe checker read it.
 """
 
 from __future__ import annotations
@@ -46,13 +48,16 @@ class Family:
     layout: Layout
     legacy_layout: Layout | None  # pre-4.52 checkpoints; None where the family is newer than that
     image_token: str | None  # the token the processor expands into visual tokens
-    end_of_turn: str  # trained as part of every assistant turn
-    default_system: str | None  # what the stock chat template inserts when no system turn is given
+    end_of_turn: str  # the end of turn of the template medvl.tiny writes (a real checkpoint's comes from its template)
+    default_system: str | None  # what medvl.tiny's template inserts when no system turn is given
     mrope: bool = False  # 3-D rotary position ids (Qwen-VL): packing must build them per sample
     notes: str = ""
     # LoRA on the language model only: a plain ["q_proj", ...] list also wraps the Qwen vision blocks'
     # gate/up/down projections (6 extra modules on the tiny model; see environment.md section 5).
     lora_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # extra: LoRA module names of the vision tower / projector, patch geometry, and `reference`: the hub id of
+    # the checkpoint whose real files are in tests/fixtures/real (a dry run plans from its cached config when the
+    # recipe's base does not exist yet)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -91,7 +96,7 @@ FAMILIES: dict[str, Family] = {
         has_video_processor=True, layout=_QWEN_VL_LAYOUT, legacy_layout=_QWEN_VL_LEGACY,
         image_token="<|image_pad|>", end_of_turn=_CHATML_END, default_system=_QWEN_SYSTEM, mrope=True,
         extra={"vision_lora": ("qkv", "attn.proj", "fc1", "fc2"), "projector_lora": ("mlp.0", "mlp.2"),
-               "patch_size": 14, "merge_size": 2},
+               "patch_size": 14, "merge_size": 2, "reference": "Qwen/Qwen2-VL-7B-Instruct"},
     ),
     "qwen2.5-vl": Family(
         name="qwen2.5-vl", model_types=("qwen2_5_vl",), model_class="Qwen2_5_VLForConditionalGeneration",
@@ -100,7 +105,8 @@ FAMILIES: dict[str, Family] = {
         image_token="<|image_pad|>", end_of_turn=_CHATML_END, default_system=_QWEN_SYSTEM, mrope=True,
         notes="HuatuoGPT-Vision-7B-Qwen2.5VL; the recipe this tool follows.",
         extra={"vision_lora": ("qkv", "attn.proj", "gate_proj", "up_proj", "down_proj"),
-               "projector_lora": ("mlp.0", "mlp.2"), "patch_size": 14, "merge_size": 2},
+               "projector_lora": ("mlp.0", "mlp.2"), "patch_size": 14, "merge_size": 2,
+               "reference": "Qwen/Qwen2.5-VL-7B-Instruct"},
     ),
     "qwen3-vl": Family(
         name="qwen3-vl", model_types=("qwen3_vl",), model_class="Qwen3VLForConditionalGeneration",
@@ -112,17 +118,18 @@ FAMILIES: dict[str, Family] = {
         legacy_layout=None,  # Qwen3-VL arrived after the 4.52 re-layout
         image_token="<|image_pad|>", end_of_turn=_CHATML_END, default_system=None, mrope=True,
         extra={"vision_lora": ("qkv", "attn.proj", "linear_fc1", "linear_fc2"),
-               "projector_lora": ("linear_fc1", "linear_fc2"), "patch_size": 16, "merge_size": 2},
+               "projector_lora": ("linear_fc1", "linear_fc2"), "patch_size": 16, "merge_size": 2,
+               "reference": "Qwen/Qwen3-VL-8B-Instruct"},
     ),
     "llava": Family(
         name="llava", model_types=("llava",), model_class="LlavaForConditionalGeneration",
         processor_class="LlavaProcessor",
         has_video_processor=False, layout=_HF_VLM_LAYOUT, legacy_layout=_HF_VLM_LEGACY,
         image_token="<image>", end_of_turn=_CHATML_END, default_system=None,
-        notes="transformers LlavaForConditionalGeneration (e.g. HuatuoGPT-Vision-7B-hf); end of turn follows "
-              "the text model's template (ChatML for Qwen2 backbones).",
+        notes="transformers LlavaForConditionalGeneration: llava-1.5-hf, and HuatuoGPT-Vision-7B-hf / -34B-hf "
+              "(Qwen2 / Yi backbones, `<|user|>`/`<|assistant|>` template, eos `<|endoftext|>`).",
         extra={"vision_lora": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-               "projector_lora": ("linear_1", "linear_2")},
+               "projector_lora": ("linear_1", "linear_2"), "reference": "llava-hf/llava-1.5-7b-hf"},
     ),
     "internvl": Family(
         name="internvl", model_types=("internvl",), model_class="InternVLForConditionalGeneration",
@@ -131,16 +138,38 @@ FAMILIES: dict[str, Family] = {
         image_token="<IMG_CONTEXT>", end_of_turn=_CHATML_END, default_system=None,
         notes="transformers InternVLForConditionalGeneration (the -hf checkpoints), not the remote-code chat model.",
         extra={"vision_lora": ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"),
-               "projector_lora": ("linear_1", "linear_2")},
+               "projector_lora": ("linear_1", "linear_2"), "reference": "OpenGVLab/InternVL3-1B-hf"},
     ),
     "causal-lm": Family(
         name="causal-lm", model_types=("qwen2", "qwen3", "llama"), model_class="AutoModelForCausalLM",
         processor_class=None, has_video_processor=False,
         layout=Layout(vision=(), projector=(), language=("model.",)), legacy_layout=None,
         image_token=None, end_of_turn=_CHATML_END, default_system=None,
-        notes="text-only medical dialogue SFT (DISC-MedLLM style); end of turn is read from the tokenizer's "
-              "template for Llama checkpoints.",
+        notes="text-only medical dialogue SFT (DISC-MedLLM style); Qwen2/2.5/3 and Llama checkpoints.",
+        extra={"reference": "Qwen/Qwen2.5-7B-Instruct"},
     ),
+    "glm4": Family(
+        name="glm4", model_types=("glm", "glm4"), model_class="AutoModelForCausalLM",
+        processor_class=None, has_video_processor=False,
+        layout=Layout(vision=(), projector=(), language=("model.",)), legacy_layout=None,
+        image_token=None, end_of_turn="<|endoftext|>", default_system=None,
+        notes="GLM-4 text models in transformers form: glm-4-9b-chat-hf (`glm`) and GLM-4-0414 (`glm4`); "
+              "`[gMASK]<sop><|user|>\\n...<|assistant|>\\n...` template.",
+        # GLM fuses the MLP's gate and up projections into one gate_up_proj
+        lora_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+        extra={"reference": "THUDM/glm-4-9b-chat-hf"},
+    ),
+}
+
+# Checkpoints in their original, remote-code form: what they are and which transformers form to use instead.
+ORIGINAL_FORMS = {
+    "llava_qwen2": "HuatuoGPT-Vision-7B in its original LLaVA (remote-code) form; use the transformers form "
+                   "FreedomIntelligence/HuatuoGPT-Vision-7B-hf",
+    "llava_llama": "a LLaVA checkpoint in its original training-repo form (e.g. HuatuoGPT-Vision-34B); use the "
+                   "transformers form (FreedomIntelligence/HuatuoGPT-Vision-34B-hf, llava-hf/llava-1.5-7b-hf)",
+    "internvl_chat": "InternVL in its remote-code chat form; use the transformers conversion, e.g. "
+                     "OpenGVLab/InternVL3-1B-hf",
+    "chatglm": "GLM-4 in its remote-code form (THUDM/glm-4-9b-chat); use the transformers form THUDM/glm-4-9b-chat-hf",
 }
 
 FAMILY_NAMES = tuple(FAMILIES)
@@ -150,6 +179,9 @@ def family_for_model_type(model_type: str) -> Family:
     for fam in FAMILIES.values():
         if model_type in fam.model_types:
             return fam
+    if model_type in ORIGINAL_FORMS:
+        raise MedvlError(f"model_type '{model_type}' is {ORIGINAL_FORMS[model_type].split(';')[0]}, which needs "
+                         "remote code and is not supported", fix=ORIGINAL_FORMS[model_type].split("; ", 1)[1])
     supported = ", ".join(f"{t} ({f.name})" for f in FAMILIES.values() for t in f.model_types)
     raise MedvlError(
         f"model_type '{model_type}' is not a supported family",
@@ -158,17 +190,23 @@ def family_for_model_type(model_type: str) -> Family:
     )
 
 
-def detect_family(model_dir: str | Path) -> Family:
-    """Family of a checkpoint from its config.json `model_type`: a local directory, or a hub id already in the
-    Hugging Face cache (read from the cache; with HF_HUB_OFFLINE=1 nothing is fetched)."""
+def read_config(model_dir: str | Path) -> dict:
+    """config.json of a local directory, or of a hub id already in the Hugging Face cache (read from the cache;
+    with HF_HUB_OFFLINE=1 nothing is fetched)."""
     cfg_path = Path(model_dir) / "config.json"
     if not cfg_path.is_file():
         cfg_path = _cached_config(str(model_dir))
     try:
-        model_type = json.loads(cfg_path.read_text())["model_type"]
-    except (ValueError, KeyError) as exc:
+        cfg = json.loads(cfg_path.read_text())
+        cfg["model_type"]
+    except (ValueError, KeyError, TypeError) as exc:
         raise MedvlError(f"config.json has no readable model_type ({exc})", where=str(cfg_path)) from None
-    return family_for_model_type(model_type)
+    return cfg
+
+
+def detect_family(model_dir: str | Path) -> Family:
+    """Family of a checkpoint from its config.json `model_type` (a local directory or a cached hub id)."""
+    return family_for_model_type(read_config(model_dir)["model_type"])
 
 
 def _cached_config(model: str) -> Path:

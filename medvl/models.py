@@ -85,7 +85,28 @@ def load_processor(path: str | Path, family: Family | None = None):
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(path)
-    return image_only_processor_class(family).from_pretrained(path)
+    processor = image_only_processor_class(family).from_pretrained(path)
+    if family.name == "llava":
+        _complete_llava_processor(processor, path)
+    return processor
+
+
+def _complete_llava_processor(processor, path) -> None:
+    """Fill the visual-token settings a LLaVA processor_config.json left out from the model's own config.
+
+    HuatuoGPT-Vision-7B-hf ships `patch_size: null` (the 34B-hf no processor_config.json at all): the processor
+    then leaves `<image>` as one token and the model finds 1 image token where it expects 576. CLIP-L/14 at 336 px
+    gives 24 x 24 patches plus a CLS token that the "default" feature strategy drops: 576."""
+    if getattr(processor, "patch_size", 0) is not None:
+        return
+    from medvl.families import read_config
+
+    cfg = read_config(path)
+    vision = cfg.get("vision_config") or {}
+    processor.patch_size = vision.get("patch_size", 14)
+    processor.vision_feature_select_strategy = cfg.get("vision_feature_select_strategy", "default")
+    # CLIP prepends a CLS token (one additional token); SigLIP towers have none
+    processor.num_additional_image_tokens = 1 if vision.get("model_type", "clip_vision_model").startswith("clip") else 0
 
 
 def model_class(family: Family):

@@ -65,6 +65,9 @@ def _family_specials(family: Family) -> tuple[list[str], dict[str, str]]:
         names = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                  "video_token": "<video>"}
         return chatml + list(names.values()), names
+    if family.name == "glm4":  # GLM-4's own special tokens (glm-4-9b-chat-hf tokenizer_config.json)
+        return ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
+                "<|observation|>"], {}
     return chatml, {}
 
 
@@ -73,7 +76,7 @@ def build_tokenizer(family: Family, vocab_size: int = 600):
 
     specials, named = _family_specials(family)
     vocab, merges = _train_bpe(vocab_size, specials)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token=family.end_of_turn,
                          pad_token="<|endoftext|>", extra_special_tokens=named or None)
     tok.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in named.values()]})
     tok.add_tokens([s for s in named.values()], special_tokens=True)
@@ -96,7 +99,16 @@ def _image_block(family: Family) -> str:
     }.get(family.name, "")
 
 
+# glm-4-9b-chat's template (tests/fixtures/real/glm-4-9b-chat-hf) without its tools branch: no system prompt by
+# default, `<|assistant|>` as generation prompt, the newline after it produced by the model, no end-of-turn token.
+_GLM4_TEMPLATE = ("[gMASK]<sop>{% for item in messages %}{% if item['content'] %}<|{{ item['role'] }}|>"
+                  "{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 def chat_template(family: Family) -> str:
+    if family.name == "glm4":
+        return _GLM4_TEMPLATE
     image = _image_block(family)
     system = (
         "{% if messages[0].role != 'system' %}<|im_start|>system\n" + family.default_system + "<|im_end|>\n{% endif %}"
@@ -184,6 +196,11 @@ def _model_config(family: Family, tok, size: dict):
         return T.InternVLConfig(text_config=text, vision_config=vision, image_token_id=ids("<IMG_CONTEXT>"),
                                 image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1,
                                 tie_word_embeddings=False)
+    if family.name == "glm4":
+        # GLM-4: half the head dimension rotated (partial_rotary_factor 0.5), fused gate_up_proj, attention bias
+        text.update(model_type="glm4", head_dim=16, attention_bias=True,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+        return T.Glm4Config(**text)
     return T.Qwen2Config(**text)
 
 

@@ -13,8 +13,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava", "internvl", "causal-lm")
-VISION_FAMILIES = FAMILIES[:-1]
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava", "internvl", "causal-lm", "glm4")
+VISION_FAMILIES = FAMILIES[:5]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -87,7 +87,9 @@ def prepared_text(tmp_path_factory):
 @pytest.fixture
 def data_for(prepared_vqa, prepared_text):
     """data_for(family): a prepared set the family can train on (text-only models get text-only data)."""
-    return lambda family: prepared_text if family == "causal-lm" else prepared_vqa
+    from medvl.families import get_family
+
+    return lambda family: prepared_vqa if get_family(family).is_vision else prepared_text
 
 
 class RecordingProgress:

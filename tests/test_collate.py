@@ -139,3 +139,86 @@ def test_measured_length_equals_encoded_length(family, tiny_dir):
     kept, n, _ = measure(TEXT, [], proc, fam, max_seq_len=n - 1 if not fam.is_vision else 10_000)
     if not fam.is_vision:
         assert len(kept) == 2  # trailing exchange dropped, as the trainer would
+
+
+# Meta-Llama-3-8B-Instruct's chat template: header tokens, trimmed content, <|eot_id|> ends every turn.
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+          "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+          "{% endif %}")
+
+
+def _text_tokenizer_with(template, specials, **roles):
+    from medvl.tiny import build_tokenizer
+
+    tok = build_tokenizer(get_family("causal-lm"))
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    for role, value in roles.items():
+        setattr(tok, role, value)
+    tok.chat_template = template
+    return tok
+
+
+def test_llama3_headers_train_content_and_eot_only():
+    tok = _text_tokenizer_with(LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                        "<|eot_id|>"], bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    enc = encode_record(TEXT, [], tok, get_family("causal-lm"))
+    assert tok.decode([t for t in enc.labels if t != IGNORE]) == "no<|eot_id|>yes, a small mass<|eot_id|>"
+
+
+def test_template_without_end_of_turn_token_gets_the_eos_trained():
+    """A plain-text template (Vicuna style, no special token after the answer): without the inserted eos the
+    model would never learn to stop."""
+    template = ("{% for m in messages %}{% if m.role == 'user' %}USER: {{ m.content }} {% else %}ASSISTANT: "
+                "{{ m.content }} {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    tok = _text_tokenizer_with(template, [], eos_token="<|endoftext|>")
+    enc = encode_record(TEXT, [], tok, get_family("causal-lm"))
+    assert tok.decode([t for t in enc.labels if t != IGNORE]) == " no<|endoftext|> yes, a small mass<|endoftext|>"
+    assert tok.decode(enc.input_ids).startswith("USER: is there a pleural effusion? ASSISTANT: no<|endoftext|> USER:")
+
+
+def test_template_that_drops_assistant_text_is_refused_and_rejected():
+    from medvl.data.collate import check_template, measure
+    from medvl.errors import MedvlError
+
+    template = ("{% for m in messages %}{% if m.role == 'user' %}<|im_start|>user\n{{ m.content }}<|im_end|>\n"
+                "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = _text_tokenizer_with(template, [])
+    fam = get_family("causal-lm")
+    with pytest.raises(MedvlError, match="cannot find the assistant turns"):
+        check_template(tok, False)
+    with pytest.raises(MedvlError):  # prepare-data's length measurement stops before the first sample
+        measure(TEXT, [], tok, fam)
+    rejected = encode_record(TEXT, [], tok, fam)  # a sample encoded anyway is rejected, never trained at loss 0
+    assert isinstance(rejected, Rejected) and rejected.reason == "template"
+
+
+def test_no_chat_template_is_a_clear_error():
+    from medvl.data.collate import check_template
+    from medvl.errors import MedvlError
+
+    tok = _text_tokenizer_with(None, [])
+    with pytest.raises(MedvlError, match="no chat template"):
+        check_template(tok, False, where="my-model")
+
+
+def test_prepare_measures_the_inserted_eos():
+    """prepare-data's exact length counts the eos inserted after each answer (the trainer sees it)."""
+    from medvl.data.collate import measure
+
+    template = ("{% for m in messages %}{% if m.role == 'user' %}USER: {{ m.content }} {% else %}ASSISTANT: "
+                "{{ m.content }} {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    tok = _text_tokenizer_with(template, [], eos_token="<|endoftext|>")
+    fam = get_family("causal-lm")
+    _, n, _ = measure(TEXT, [], tok, fam)
+    assert n == len(encode_record(TEXT, [], tok, fam))
+
+
+def test_answer_ending_in_whitespace_keeps_the_templates_end_of_turn(qwen):
+    """"yes\\n" renders "yes\\n<|im_end|>": the <|im_end|> is the turn's end, no eos is inserted."""
+    _, proc, fam = qwen
+    rec = {"id": "w", "messages": [{"role": "user", "content": "is it?"}, {"role": "assistant", "content": "yes\n"}]}
+    enc = encode_record(rec, [], proc, fam)
+    assert _trained_text(enc, proc) == "yes\n<|im_end|>"
+    assert proc.tokenizer.decode(enc.input_ids).count("<|im_end|>") == 3  # system, user, assistant: none added

@@ -89,14 +89,14 @@ def test_lora_run_merges_and_reloads_with_the_same_logits(family, tiny_dir, tmp_
     assert p.logits_max_abs_diff < 1e-4 and p.merge_max_abs_diff < 1e-4 and p.generation_match
     assert p.pre_export_max_abs_diff < 1e-4 and p.generation_matches_pre_export
     assert len(p.generated_export) == 8 and p.tensors_different == [] and p.tensors_checked > 20
-    assert p.image_tokens == {"causal-lm": 0, "llava": 16}.get(family, 4)  # LLaVA: 16 patches of 56 x 56
+    assert p.image_tokens == {"causal-lm": 0, "glm4": 0, "llava": 16}.get(family, 4)  # LLaVA: 16 patches of 56 x 56
     assert res.kind == "lora" and res.model_class == cls and res.shards > 1
     # layout: sharded safetensors with an index, processor, chat template, generation config, card, no adapter
     files = set(res.files)
     assert {"model.safetensors.index.json", "config.json", "generation_config.json", "chat_template.jinja",
             "tokenizer.json", "README.md", "medvl_export.json"} <= files
     assert not {"adapter_config.json", "adapter_model.safetensors", "medvl_run.json"} & files
-    assert ("processor_config.json" in files) == (family != "causal-lm")
+    assert ("processor_config.json" in files) == (family not in ("causal-lm", "glm4"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == res.shards
     assert not any("lora" in k for k in index["weight_map"])

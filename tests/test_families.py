@@ -41,8 +41,8 @@ def test_lora_regex_stays_in_language_model(family):
     model, _ = build_tiny(family)
     modules = [n for n, _ in model.named_modules()]
     lm_only = [n for n in modules if re.match(fam.lora_regex(), n)]
-    # 2 layers x 7 projections (q, k, v, o, gate, up, down)
-    assert len(lm_only) == 14
+    # 2 layers x 7 projections (q, k, v, o, gate, up, down); GLM fuses gate and up: 2 x 6
+    assert len(lm_only) == (12 if family == "glm4" else 14)
     assert all(fam.layout.group_of(n + ".weight") == "language" for n in lm_only)
     if fam.is_vision:
         wider = [n for n in modules if re.match(fam.lora_regex(vision=True, projector=True), n)]
@@ -62,10 +62,26 @@ def test_detect_family_from_config(tmp_path):
 
 
 def test_unknown_model_type_lists_supported(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
     with pytest.raises(MedvlError) as err:
         detect_family(tmp_path)
-    assert "internvl_chat" in str(err.value) and "qwen2_5_vl (qwen2.5-vl)" in str(err.value)
+    assert "blip-2" in str(err.value) and "qwen2_5_vl (qwen2.5-vl)" in str(err.value)
+    assert "glm4 (glm4)" in str(err.value)
+
+
+@pytest.mark.parametrize("model_type, names", [
+    ("llava_qwen2", "FreedomIntelligence/HuatuoGPT-Vision-7B-hf"),
+    ("llava_llama", "FreedomIntelligence/HuatuoGPT-Vision-34B-hf"),
+    ("internvl_chat", "OpenGVLab/InternVL3-1B-hf"),
+    ("chatglm", "THUDM/glm-4-9b-chat-hf"),
+])
+def test_original_remote_code_forms_name_the_transformers_form(tmp_path, model_type, names):
+    # HuatuoGPT-Vision-7B's own config.json says llava_qwen2 (LlavaQwen2ForCausalLM from its training repo)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type,
+                                                      "architectures": ["LlavaQwen2ForCausalLM"]}))
+    with pytest.raises(MedvlError) as err:
+        detect_family(tmp_path)
+    assert model_type in str(err.value) and names in err.value.fix
 
 
 def test_missing_config_is_a_clear_error(tmp_path):
@@ -141,3 +157,13 @@ def test_hub_id_resolves_through_the_cache(tmp_path, monkeypatch):
     assert detect_family("medvl-test/tiny-vl").name == "qwen2.5-vl"
     with pytest.raises(MedvlError, match="hf download medvl-test/absent"):
         detect_family("medvl-test/absent")
+
+
+def test_recipe_family_literal_matches_the_table():
+    """A recipe may name every family of the table (model.family: glm4), and only those."""
+    import typing
+
+    from medvl.config import TEXT_FAMILIES, FamilyName
+
+    assert typing.get_args(FamilyName) == tuple(FAMILIES)
+    assert TEXT_FAMILIES == tuple(n for n, f in FAMILIES.items() if not f.is_vision)

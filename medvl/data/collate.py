@@ -2,12 +2,10 @@
 
 Loss mask. The record says which assistant turns are trainable (`train`); the policy picks among them:
 `all` trains every trainable assistant turn (medvl's default), `last` only the last one (HuatuoGPT-Vision's
-`train_vl.py`). A trained span is the assistant's content plus the end-of-turn token (`<|im_end|>`), never the
-role prefix (`<|im_start|>assistant\\n`) and never the newline after the end of turn.
-
-How the span is found without per-template rules: the template rendered for the conversation up to turn i with
-`add_generation_prompt=True` is a prefix of the full rendering; the assistant content starts where that prefix
-ends. Character spans become token labels through the tokenizer's offsets; the processor then expands each image
+`train_vl.py`). A trained span is the assistant's content plus its end-of-turn token, never the role prefix and
+never the newline after the end of turn. Both are read off the checkpoint's own chat template, for any template
+(medvl/data/turns.py); a template where they cannot be found is refused before the first sample.
+Character spans become token labels through the tokenizer's offsets; the processor then expands each image
 placeholder into its visual tokens, and `align_labels` walks both sequences so the labels follow.
 
 Truncation never cuts inside an image: a sample longer than `max_seq_len` loses whole trailing turns (and the
@@ -22,7 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# TemplateError and to_template_messages are imported from here by callers (eval, tests)
 from medvl.data.schema import IMAGE_PLACEHOLDER
+from medvl.data.turns import (TemplateError, check_template, to_template_messages,  # noqa: F401
+                              trained_turns)
+from medvl.data.turns import render_with_spans as _render_with_spans
 from medvl.families import Family
 from medvl.models import tokenizer_of
 
@@ -57,50 +59,12 @@ class Rejected:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# chat template -> text + trained character spans
-
-def to_template_messages(messages: list[dict], vision: bool) -> list[dict]:
-    """Normalized messages (content strings with <image>) -> the content-block form every chat template reads."""
-    out = []
-    for m in messages:
-        if not vision:
-            out.append({"role": m["role"], "content": m["content"]})
-            continue
-        blocks = []
-        for i, part in enumerate(m["content"].split(IMAGE_PLACEHOLDER)):
-            if i:
-                blocks.append({"type": "image"})
-            if part:
-                blocks.append({"type": "text", "text": part})
-        out.append({"role": m["role"], "content": blocks})
-    return out
-
-
-def trained_turns(messages: list[dict], loss_mask: str) -> list[int]:
-    idx = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
-    if loss_mask == "last":
-        return idx[-1:]
-    if loss_mask != "all":
-        raise ValueError(f"loss_mask must be 'all' or 'last', not {loss_mask!r}")
-    return idx
-
+# chat template -> text + trained character spans: medvl/data/turns.py, from the checkpoint's own template
 
 def render_with_spans(template_owner, messages: list[dict], family: Family, loss_mask: str = "all"):
-    """(text, [(start, end) character spans to train]) for a conversation; raises ValueError if the template
-    does not render prefixes consistently (then no span could be trusted)."""
-    tmsgs = to_template_messages(messages, family.is_vision)
-    text = template_owner.apply_chat_template(tmsgs, tokenize=False)
-    spans = []
-    for i in trained_turns(messages, loss_mask):
-        prefix = template_owner.apply_chat_template(tmsgs[:i], tokenize=False, add_generation_prompt=True)
-        if not text.startswith(prefix):
-            raise ValueError("chat template renders the conversation prefix differently from the full text")
-        start = len(prefix)
-        end = text.find(family.end_of_turn, start)
-        if end < 0:
-            raise ValueError(f"assistant turn {i} has no {family.end_of_turn} in the rendered template")
-        spans.append((start, end + len(family.end_of_turn)))
-    return text, spans
+    """(text, [(start, end) character spans to train]); raises TemplateError (a ValueError) when the template
+    does not let the spans be found for this conversation."""
+    return _render_with_spans(template_owner, messages, family.is_vision, loss_mask)
 
 
 def labels_from_spans(offsets, input_ids: list[int], spans) -> list[int]:
@@ -287,6 +251,7 @@ def measure(record: dict, image_sizes: list[tuple[int, int]], processor, family:
 
     The same rule as encode_record: drop whole trailing turns (and their images) until it fits."""
     tok = tokenizer_of(processor)
+    check_template(processor, family.is_vision)  # MedvlError once, before any sample, for an unusable template
     messages = record["messages"]
     visual = visual_token_counts(processor, family, image_sizes) if family.is_vision else []
     last_len = None
@@ -295,7 +260,7 @@ def measure(record: dict, image_sizes: list[tuple[int, int]], processor, family:
             kept = messages[:cut]
             if not trained_turns(kept, loss_mask):
                 break
-            text = processor.apply_chat_template(to_template_messages(kept, family.is_vision), tokenize=False)
+            text, _ = render_with_spans(processor, kept, family, loss_mask)
             n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in kept)
             n = len(tok(text, add_special_tokens=False)["input_ids"]) - n_img + sum(visual[:n_img])
             if max_seq_len is None or n <= max_seq_len:

@@ -12,7 +12,9 @@ from medvl.errors import MedvlError
 
 def build_data(recipe, family, processor, accelerator):
     from medvl.data.dataset import BatchPlan, EncodedDataset, index_prepared
+    from medvl.data.turns import check_template
 
+    check_template(processor, family.is_vision, where=f"{recipe.model.base} (its chat template)")
     index = index_prepared([s.path for s in recipe.data.train])
     dataset = EncodedDataset(index, processor, family, loss_mask=recipe.data.loss_mask,
                              max_seq_len=recipe.data.max_seq_len, load_image=load_image)

@@ -26,18 +26,65 @@ class DryRun:
     notes: list[str] = field(default_factory=list)
 
 
-def _meta_model(recipe, family):
-    import torch
+def plan_config(base: str, family):
+    """(transformers config, note) to plan from: the base's own config.json (local or in the Hugging Face cache);
+    when the base does not exist yet (stage 2's base is stage 1's output) the family's reference checkpoint's
+    config from the cache, with a note saying so; otherwise a MedvlError that says how to get either."""
+    from medvl.errors import MedvlError
+    from medvl.families import read_config
+
+    try:
+        return config_from_dict(read_config(base)), None
+    except MedvlError as exc:
+        ref = family.extra.get("reference")
+        if ref is None:
+            raise
+        try:
+            raw = read_config(ref)
+        except MedvlError:
+            raise MedvlError(
+                f"'{base}' is not on disk, so the dry run has no config to plan from", where=str(base),
+                fix=f"create or download the model first ({exc.fix}); or fetch only the config of the "
+                    f"{family.name} reference checkpoint and the dry run plans with its sizes: "
+                    f"`hf download {ref} config.json`") from None
+        return config_from_dict(raw), (f"'{base}' is not on disk yet: planned from the config of {ref} (Hugging "
+                                       "Face cache), the family's reference checkpoint; the sizes are that model's")
+
+
+def config_from_dict(raw: dict):
+    """A transformers config from a config.json dict, with the head tied exactly as the checkpoint stores it.
+
+    transformers 5 writes `tie_word_embeddings` into every config it saves. A config.json with the key at no level
+    (InternVL3-1B-hf) was written by transformers 4, where every supported text model's default was untied, and
+    its checkpoint stores `lm_head.weight` on its own; transformers 5's default would tie the head and count
+    802,293,120 parameters instead of the checkpoint's 938,193,024 (the 151,674 x 896 head)."""
     from transformers import AutoConfig
+
+    kwargs = {k: v for k, v in raw.items() if k != "model_type"}
+    config = AutoConfig.for_model(raw["model_type"], **kwargs)
+    if "tie_word_embeddings" not in raw and "tie_word_embeddings" not in (raw.get("text_config") or {}):
+        untie(config)
+    return config
+
+
+def untie(config) -> None:
+    config.tie_word_embeddings = False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        text.tie_word_embeddings = False
+
+
+def meta_model(config, family):
+    """The model of a config on the meta device: every parameter's shape, no memory, no weights read."""
+    import torch
 
     from medvl.models import model_class
 
-    config = AutoConfig.from_pretrained(recipe.model.base, trust_remote_code=recipe.model.trust_remote_code)
     cls = model_class(family)
     with torch.device("meta"):
         if family.model_class == "AutoModelForCausalLM":
-            return cls.from_config(config), config
-        return cls._from_config(config), config
+            return cls.from_config(config)
+        return cls._from_config(config)
 
 
 def plan_run(recipe, *, worker: str) -> DryRun:
@@ -50,7 +97,8 @@ def plan_run(recipe, *, worker: str) -> DryRun:
     from pathlib import Path
 
     family = get_family(recipe.model.family) if recipe.model.family else detect_family(recipe.model.base)
-    model, config = _meta_model(recipe, family)
+    config, note = plan_config(recipe.model.base, family)
+    model = meta_model(config, family)
     plan = plan_from_recipe(recipe, family)
     model = apply_plan(model, family, plan)
     table = rows_as_dicts(trainability(model, family, plan))
@@ -58,7 +106,7 @@ def plan_run(recipe, *, worker: str) -> DryRun:
     if recipe.world_size > 1 or needs_launch(recipe):
         launch = launch_command(recipe, Path(recipe.output.dir) / "launch-recipe.yaml", worker=worker)
     memory = estimate_memory(recipe, table, config)
-    return DryRun(family.name, recipe_to_yaml(recipe), launch, table, memory)
+    return DryRun(family.name, recipe_to_yaml(recipe), launch, table, memory, notes=[note] if note else [])
 
 
 def estimate_memory(recipe, table: list[dict], config) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from medvl.engine import checkpoint as ckpt
 from medvl.engine.batches import build_data, keepalive_sample, make_loader
-from medvl.engine.loss import supervised_tokens, token_loss_sum
+from medvl.engine.loss import require_supervision, supervised_tokens, token_loss_sum
 from medvl.engine.metrics import Fanout, JsonlSink, reporting_sinks
 from medvl.engine.optim import build_optimizer, build_scheduler
 from medvl.engine.params import apply_plan, param_groups, rows_as_dicts, trainability
@@ -162,6 +162,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         inputs_seen += window_inputs
         result.losses.append(mean_loss)
         guard.check(step + 1, mean_loss, grad_norm, window_tokens, n_rejected, rejected)
+        require_supervision(tokens_seen, step + 1 - start, batch_plan.steps_per_epoch, total_steps - start)
         if (step + 1) % recipe.train.log_every == 0 or step + 1 == total_steps or step == start:
             elapsed = time.perf_counter() - t_start
             done = step + 1 - start

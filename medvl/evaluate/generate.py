@@ -277,7 +277,10 @@ class Generator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         eos = model.generation_config.eos_token_id
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-        for token in (self.tokenizer.eos_token, family.end_of_turn):
+        from medvl.data.turns import end_of_turn
+
+        # the model's eos and the end of turn its own chat template uses (GLM-4: <|user|>; LLaVA-1.5: </s>)
+        for token in (self.tokenizer.eos_token, end_of_turn(processor, family.is_vision)):
             if token in self.tokenizer.get_vocab():
                 eos.append(self.tokenizer.convert_tokens_to_ids(token))
         self.generation_config = GenerationConfig(**decoding.generation_kwargs(), eos_token_id=sorted(set(eos)),
@@ -308,16 +311,15 @@ class Generator:
 
     def prompt(self, item: EvalItem) -> Prompt:
         """The published prompt through the family's chat template: one user turn, its images first."""
-        from medvl.data.collate import to_template_messages
         from medvl.data.schema import IMAGE_PLACEHOLDER
+        from medvl.data.turns import render_prompt
 
         images = item.images if self.family.is_vision else ()
         # A literal "<image>" in a question would become a placeholder without an image; the published chatbot
         # deletes it from user text too (input_moderation).
         query = build_prompt(item).replace(IMAGE_PLACEHOLDER, "")
         messages = [{"role": "user", "content": IMAGE_PLACEHOLDER * len(images) + query}]
-        text = self.processor.apply_chat_template(to_template_messages(messages, self.family.is_vision),
-                                                  tokenize=False, add_generation_prompt=True)
+        text = render_prompt(self.processor, messages, self.family.is_vision)
         return Prompt(item.test_id, text, tuple(images), _digest(self._run_key, text, *images))
 
     def measure(self, prompts: Sequence[Prompt]) -> None:
