@@ -150,11 +150,13 @@ class Chatbot:
     def stop(self) -> None:
         self._stop.set()
 
-    def image(self, path: str | Path, window=None) -> ChatImage:
+    def image(self, path: str | Path | ChatImage, window=None) -> ChatImage:
         """A checked image (exists, inside the root rule, decodes); raises MedvlError otherwise."""
         if not self.family.is_vision:
             raise MedvlError(f"{self.source.path} is a text-only model ({self.family.name}): it cannot see images",
                              where=str(path), fix="ask without the image, or chat with a vision-language model")
+        if isinstance(path, ChatImage):
+            return path
         return check_image(path, self.image_root, window)
 
     def chat(self, text: str, images: Sequence[str | Path | ChatImage] = ()) -> str:
