@@ -160,7 +160,9 @@ class Chatbot:
         return check_image(path, self.image_root, window)
 
     def chat(self, text: str, images: Sequence[str | Path | ChatImage] = ()) -> str:
-        return "".join(self.stream(text, images))
+        for _ in self.stream(text, images):
+            pass
+        return self.last.text  # stripped; the streamed pieces keep the model's own leading space
 
     def stream(self, text: str, images: Sequence[str | Path | ChatImage] = ()) -> Iterator[str]:
         """Add a user turn and yield the answer's text pieces; the answer joins the history when it ends."""
@@ -311,6 +313,9 @@ class Chatbot:
                 if len(text) > len(shown) and not text.endswith("\ufffd"):  # never half a character
                     piece, shown = text[len(shown):], text
                     yield piece
+            rest = self._decode(new)[len(shown):]
+            if rest:  # bytes that never completed a character: shown as the decoder shows them
+                yield rest
             drained = True
         finally:
             if not drained:  # the consumer stopped listening (closed the generator): end generation too
