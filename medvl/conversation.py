@@ -78,7 +78,7 @@ def check_image(path: str | Path, root: str | Path = ".", window: tuple[float, f
         fix = ("give a path inside the folder chat was started in, or an absolute path"
                if code == "image-escapes-root" else "check the path (TAB completes it)")
         raise MedvlError(f"{code}: {message}", where=raw, fix=fix)
-    full = Path(raw) if os.path.isabs(raw) else Path(root) / raw
+    full = Path(raw) if os.path.isabs(raw) else Path(root).absolute() / raw  # /save and /export outlive the cwd
     image = ChatImage(full, window, is_dicom(full))
     image.load()  # undecodable: MedvlError from the loader, now rather than mid-answer
     return image
