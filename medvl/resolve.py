@@ -63,6 +63,14 @@ class ModelSource:
         raise MedvlError(f"{self.path} has no tokenizer or processor", where=str(self.path),
                          fix="save the processor next to the weights (processor.save_pretrained)")
 
+    @property
+    def name(self) -> str:
+        """A short name for status lines: the run's directory, else the model's ("final" says nothing)."""
+        base = self.run_dir.name if self.run_dir is not None else self.path.name
+        if self.kind == "checkpoint":
+            return f"{base}/{self.path.name}"
+        return base + (" (LoRA)" if self.kind == "lora" else "")
+
     def describe(self) -> str:
         what = {"full": "model", "lora": "LoRA adapter", "checkpoint": "checkpoint"}[self.kind]
         over = f" over {self.base}" if self.kind != "full" and self.base else ""

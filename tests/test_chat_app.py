@@ -56,9 +56,13 @@ def test_image_with_path_completion_then_a_streamed_answer(tiny_dir, png, tmp_pa
     async def main():
         app = ChatApp(None, bots=[bot])
         async with app.run_test(size=(100, 32)) as pilot:
-            await pilot.press(*"/image sc")
+            await pilot.press(*"/im")
             await pilot.pause(0.2)
-            await pilot.press("tab")  # takes the suggested completion
+            await pilot.press("tab")  # the command's name
+            assert app.query_one("#prompt").value == "/image "
+            await pilot.press(*"sc")
+            await pilot.pause(0.2)
+            await pilot.press("tab")  # the path
             assert app.query_one("#prompt").value == "/image scan-0001.png"
             await pilot.press("enter")
             await settle(pilot, app)

@@ -19,6 +19,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Static
 
 from medvl.errors import MedvlError
+from medvl.session import COMMANDS
 
 HELLO = ("Ask about your images. /image PATH attaches one (TAB completes), /help lists the commands, "
          "Esc stops an answer, Ctrl-Q quits.")
@@ -53,9 +54,10 @@ class ChatApp(App):
             for i, src in enumerate(self.sources):
                 with Vertical(classes="column second" if i else "column"):
                     if len(self.sources) > 1:
-                        yield Static(f"{'AB'[i]}  {src.describe()}", classes="column-title", markup=False)
+                        yield Static(f"{'AB'[i]} · {src.name} · {src.family.name}", classes="column-title",
+                                     markup=False)
                     yield VerticalScroll(id=f"conversation-{i}", classes="conversation")
-        yield PromptInput(placeholder="Ask a question, or /help", id="prompt", suggester=PathSuggester(Path.cwd()))
+        yield PromptInput(placeholder="Ask a question, or /help", id="prompt", suggester=PathSuggester(Path.cwd(), COMMANDS))
         yield Static("", id="status", markup=False)
 
     def on_mount(self) -> None:
@@ -113,13 +115,16 @@ class ChatApp(App):
         self.query_one("#status", Static).update(text)
 
     def status_text(self, extra: str = "") -> str:
+        bots = self.session.bots if self.session else []
         parts = []
-        for bot in self.session.bots if self.session else []:
+        for i, bot in enumerate(bots):
             speed = f"{bot.last.tokens_per_s:.0f} tok/s" if bot.last else "- tok/s"
             limit = f"/{bot.context_limit}" if bot.context_limit else ""
-            parts.append(f"{bot.source.path.name} · {bot.family.name} · {bot.device} · {bot.dtype} · {speed} · "
-                         f"context {bot.context_used}{limit}")
-        return "  |  ".join(parts) + (f"  ·  {extra}" if extra else "")
+            who = f"{bot.source.name} · {bot.family.name}" if len(bots) == 1 else "AB"[i]
+            parts.append(f"{who} · {speed} · context {bot.context_used}{limit}")
+        if bots:  # device and dtype once: compare mode loads both models the same way
+            parts.insert(1 if len(bots) == 1 else 0, f"{bots[0].device} · {bots[0].dtype}")
+        return " · ".join(parts) + (f" · {extra}" if extra else "")
 
     # -- input
 

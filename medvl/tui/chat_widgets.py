@@ -98,13 +98,17 @@ class Note(Static):
 
 
 class PathSuggester(Suggester):
-    """After /image, /save or /export: the longest unambiguous completion of the path typed so far."""
+    """A slash command's name; after /image, /save or /export the longest unambiguous completion of the path."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, commands=()) -> None:
         super().__init__(use_cache=False, case_sensitive=True)
-        self.root = root
+        self.root, self.commands = root, sorted(commands)
 
     async def get_suggestion(self, value: str) -> str | None:
+        if value.startswith("/") and " " not in value and len(value) > 1:
+            names = [c for c in self.commands if c.startswith(value)]
+            common = os.path.commonprefix(names) if names else ""
+            return common + (" " if len(names) == 1 else "") if len(common) > len(value) or len(names) == 1 else None
         command = next((c for c in PATH_COMMANDS if value.startswith(c)), None)
         if command is None:
             return None
