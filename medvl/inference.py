@@ -95,8 +95,12 @@ class Reply:
 
     @property
     def tokens_per_s(self) -> float:
+        """Decoding speed after the first token; for answers under 8 tokens (a few sub-millisecond steps, too
+        short to time) the whole answer's rate, prefill included."""
         gen = self.seconds - self.first_token_s
-        return (self.tokens - 1) / gen if self.tokens > 1 and gen > 0 else 0.0
+        if self.tokens >= 8 and gen > 0:
+            return (self.tokens - 1) / gen
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 class Chatbot:

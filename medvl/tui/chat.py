@@ -164,8 +164,9 @@ class ChatApp(App):
         if step.message:
             self.note(step.message)
         if step.images and not step.streams:  # /image or /window: show what the model will see
+            kind = "pending" if line.strip().startswith("/image") else "rewindowed"
             for col in cols:
-                col.mount(Vertical(*[Thumbnail(im) for im in step.images], classes="pending"))
+                col.mount(Vertical(*[Thumbnail(im) for im in step.images], classes=kind))
                 col.scroll_end(animate=False)
         if not step.streams:
             self.set_status(self.status_text())

@@ -14,7 +14,15 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.suggester import Suggester
 from textual.widgets import Input, Static
-from textual_image.widget import Image as TerminalImage
+from textual_image.renderable import Image as _Detected
+from textual_image.renderable.unicode import Image as _ShadeOnly
+from textual_image.widget import HalfcellImage
+from textual_image.widget import Image as _AutoImage
+
+# Kitty / Sixel where the terminal has them; otherwise coloured half-blocks. textual-image's last resort, shade
+# characters without colour, is for terminals without colour, but inside Textual colours always exist (Textual
+# maps them to what the terminal can show): there, and headless (tests, screenshots), half-blocks.
+TerminalImage = HalfcellImage if _Detected is _ShadeOnly else _AutoImage
 
 PATH_COMMANDS = ("/image ", "/save ", "/export ")
 
