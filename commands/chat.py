@@ -20,14 +20,14 @@ EXAMPLES = """[bold]Examples[/]
 
 
 def chat(
-    model: str = typer.Argument(None, help="A run directory, checkpoint, model directory or cached hub id. Default: "
+    model: Path = typer.Argument(None, help="A run directory, checkpoint, model directory or cached hub id. Default: "
                                 "$MEDVL_MODEL, else the newest finished run under ./runs, else ./demo-out/run.",
                                 show_default=False),
     image: list[Path] = typer.Option(None, "--image", "-i", help="Image(s) for the first question (PNG, JPEG, "
                                      "TIFF, BMP, WebP, DICOM); repeat for several.", show_default=False),
     adapter: Path = typer.Option(None, "--adapter", help="A LoRA adapter (or LoRA run) applied over MODEL without "
                                  "merging.", show_default=False),
-    compare: str = typer.Option(None, "--compare", help="A second model: every question goes to both, answers side "
+    compare: Path = typer.Option(None, "--compare", help="A second model: every question goes to both, answers side "
                                 "by side (base vs fine-tuned).", show_default=False),
     system: str = typer.Option(None, "--system", help="System prompt (default: the model's own).",
                                show_default=False),
