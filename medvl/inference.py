@@ -260,7 +260,9 @@ class Chatbot:
 
         ids = inputs["input_ids"][0].tolist()
         reuse = self._reusable(ids)
-        kwargs = dict(inputs.to(self.device))
+        dtype = next(self.model.parameters()).dtype  # pixel values follow the weights (bf16 on a GPU)
+        kwargs = {k: v.to(self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device)
+                  for k, v in inputs.items()}
         if reuse:
             self._cache.crop(reuse - self._cache.get_seq_length())  # negative: tokens to drop
             kwargs["past_key_values"] = self._cache
