@@ -224,3 +224,31 @@ def test_text_only_model_in_the_app_and_typing_while_loading(tiny_dir, png, monk
             assert "text-only model" in notes(app, error=True)[-1]
 
     asyncio.run(main())
+
+
+def test_an_adapter_that_does_not_fit_is_a_message_in_the_app(tiny_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from medvl.families import get_family
+    from medvl.models import load_model
+    from medvl.resolve import resolve_model
+    from medvl.tiny import build_tiny
+    from medvl.tui.chat import ChatApp
+
+    family = get_family("llava")
+    lora = get_peft_model(load_model(tiny_dir("llava"), family),
+                          LoraConfig(r=4, target_modules=family.lora_regex(), task_type="CAUSAL_LM"))
+    lora.save_pretrained(tmp_path / "adapter")
+    build_tiny("llava", tmp_path / "bigger", size="small")
+
+    async def main():
+        app = ChatApp([resolve_model(tmp_path / "bigger", adapter=tmp_path / "adapter")])
+        async with app.run_test(size=(100, 32)) as pilot:
+            for _ in range(200):
+                await pilot.pause(0.05)
+                if notes(app, error=True):
+                    break
+            assert "does not fit the base model" in notes(app, error=True)[-1]
+            assert "failed to load" in str(app.query_one("#status").render()) and app.is_running
+
+    asyncio.run(main())

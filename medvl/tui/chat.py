@@ -46,6 +46,7 @@ class ChatApp(App):
         self.queued: list[str] = []
         self.running = 0
         self.t_load = time.perf_counter()
+        self.loading = ""
 
     # -- layout
 
@@ -64,8 +65,8 @@ class ChatApp(App):
         self.query_one("#prompt").focus()
         self.set_interval(1 / 20, self.flush)
         self.note(HELLO)
-        names = ", ".join(s.describe() for s in self.sources)
-        self.set_status(f"loading {names} … (you can type; questions are sent once it is loaded)")
+        self.loading = ", ".join(s.describe() for s in self.sources)
+        self.set_status(f"loading {self.loading} … (you can type; questions are sent once it is loaded)")
         if self._bots is not None:
             self.loaded(self._bots)
         else:
@@ -80,13 +81,18 @@ class ChatApp(App):
                             system=self.system) for s in self.sources]
         except Exception as exc:  # MedvlError (adapter does not fit) or a broken checkpoint: say it, stay up
             self.call_from_thread(self.note, _message(exc), error=True)
-            self.call_from_thread(self.set_status, "model failed to load: see above; Ctrl-Q quits")
+            self.call_from_thread(self.load_failed)
             return
         self.call_from_thread(self.loaded, bots)
+
+    def load_failed(self) -> None:
+        self.loading = ""
+        self.set_status("the model failed to load: see above; Ctrl-Q quits")
 
     def loaded(self, bots) -> None:
         from medvl.session import ChatSession
 
+        self.loading = ""
         try:
             self.session = ChatSession(bots, self.initial_images)
         except MedvlError as exc:
@@ -203,6 +209,9 @@ class ChatApp(App):
             self.call_from_thread(self._answer_done)
 
     def flush(self) -> None:
+        if self.loading:  # a 7B model takes a while: show that it is still going
+            self.set_status(f"loading {self.loading} … {time.perf_counter() - self.t_load:.0f} s (you can type; "
+                            "questions are sent once it is loaded)")
         if not self.running:
             return
         for col in self.columns():
