@@ -5,6 +5,7 @@ Each input line is a question or a slash command (/image PATH, /clear, /quit, ..
 to stderr, so `echo "What modality is this?" | medvl chat MODEL --image ct.dcm` prints exactly one answer.
 `--json` prints one JSON object per answer instead: {"answer", "tokens", "seconds"} (+ "model" when comparing).
 A failed line (a bad image, an overflowing context) is reported and the loop goes on; the exit status is then 2.
+Ctrl-C during an answer stops that answer and keeps the conversation; at the prompt it leaves.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def run_plain(session, *, as_json: bool = False, stdin=None, stdout=None, stderr
             except MedvlError as exc:
                 failed = True
                 stderr.write(f"error: {exc.render()}\n")
+            except KeyboardInterrupt:  # Ctrl-C mid-answer stops that answer (kept, as in the app), not the session
+                stream.close()
+                stdout.write("\n")
+                stderr.write("(stopped)\n")
     return 2 if failed else 0
 
 

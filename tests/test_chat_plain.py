@@ -100,3 +100,28 @@ def test_plain_loop_in_process_compare_and_commands(tiny_dir, png, tmp_path):
     assert rc == 2 and "unknown command /bogus" in err.getvalue()
     assert [ln.split("]")[0] for ln in lines] == [f"[{tiny_dir('qwen2.5-vl').name}", f"[{tiny_dir('qwen3-vl').name}"]
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2  # one record per model
+
+
+def test_ctrl_c_mid_answer_stops_it_and_the_loop_goes_on(tiny_dir):
+    from medvl.commands.chat_plain import run_plain
+    from medvl.inference import Chatbot, GenerationOptions
+    from medvl.session import ChatSession
+
+    bot = Chatbot(tiny_dir("causal-lm"), options=GenerationOptions(max_new_tokens=300))
+    bot.eos = []  # only a stop ends it before 300 tokens
+
+    class CtrlCAfter3(io.StringIO):  # Ctrl-C arrives while the third piece is being printed
+        pieces = 0
+
+        def write(self, text):
+            self.pieces += 1
+            if self.pieces == 3:
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    err = io.StringIO()
+    rc = run_plain(ChatSession([bot]), stdin=io.StringIO("Tell me everything.\nAnd then?\n"), stdout=CtrlCAfter3(),
+                   stderr=err)
+    assert "(stopped)" in err.getvalue()
+    assert [t["role"] for t in bot.history] == ["user", "assistant", "user", "assistant"]
+    assert len(bot.turns[1].text) < len(bot.turns[3].text) and bot.last.tokens == 300 and rc == 0  # the second question was answered in full
