@@ -113,6 +113,9 @@ class PathSuggester(Suggester):
         self.root, self.commands = root, sorted(commands)
 
     async def get_suggestion(self, value: str) -> str | None:
+        return self.suggest(value)
+
+    def suggest(self, value: str) -> str | None:
         if value.startswith("/") and " " not in value and len(value) > 1:
             names = [c for c in self.commands if c.startswith(value)]
             common = os.path.commonprefix(names) if names else ""
@@ -151,6 +154,9 @@ class PromptInput(Input):
     BINDINGS = [Binding("tab", "accept_suggestion", "complete path", show=False, priority=True)]
 
     def action_accept_suggestion(self) -> None:
-        if self._suggestion and len(self._suggestion) > len(self.value):
-            self.value = self._suggestion
+        # computed here too: a fast typist (or a pasted line) can press Tab before the suggestion worker ran
+        suggestion = self.suggester.suggest(self.value) if isinstance(self.suggester, PathSuggester) else None
+        suggestion = suggestion or self._suggestion
+        if suggestion and len(suggestion) > len(self.value) and suggestion.startswith(self.value):
+            self.value = suggestion
             self.cursor_position = len(self.value)
