@@ -40,6 +40,7 @@ def _root(
 # ---------------------------------------------------------------------------------------------------------
 # The explicit list of commands. A command is registered only once it works; test_cli_startup.py and
 # test_completions.py walk this list, so help, start-up hygiene and completion cover every command.
+from medvl.commands import chat as _chat  # noqa: E402
 from medvl.commands import convert as _convert  # noqa: E402
 from medvl.commands import demo as _demo  # noqa: E402
 from medvl.commands import doctor as _doctor  # noqa: E402
@@ -59,6 +60,7 @@ COMMANDS = {  # in the order of the recipe; `medvl --help` lists them so
     "train": _train.train,
     "eval": _evaluate.evaluate,
     "score": _score.score,
+    "chat": _chat.chat,
     "export": _export.export,
     "tiny": _tiny.tiny,
     "demo": _demo.demo,

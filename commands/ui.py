@@ -263,3 +263,7 @@ def render_demo(result) -> None:
     console.print(f"{verdict}: {acc:.1%} vs {base:.1%} for the majority answer; training loss "
                   f"{result.loss_first:.2f} -> {result.loss_last:.2f}.  Files: {result.out_dir}/ "
                   "(raw, data, run/final, eval/predictions.jsonl)")
+    if result.chat_command:
+        from rich.markup import escape
+
+        console.print(f"Talk to it:  [bold]{escape(result.chat_command)}[/]")

@@ -42,6 +42,16 @@ class DemoResult:
     loss_first: float
     loss_last: float
     notes: list[str] = field(default_factory=list)
+    chat_command: str = ""  # the exact `medvl chat` line that talks to the model this demo trained
+
+
+def chat_command(run_dir: Path, images: Path) -> str:
+    """`medvl chat RUN --image IMG` on a held-out CT slice (the model never saw it), else any held-out image."""
+    import shlex
+
+    held_out = sorted(images.glob("CT-*.dcm")) or sorted(images.iterdir())
+    image = f" --image {shlex.quote(str(held_out[0]))}" if held_out else ""
+    return f"medvl chat {shlex.quote(str(run_dir))}{image}"
 
 
 def _options(answer: str) -> tuple[list[str], str]:
@@ -169,4 +179,5 @@ def run_demo(out: str | Path = "demo-out", *, train_samples: int = 2400, test_sa
     accuracy["overall"] = (scores.overall.acc, scores.overall.n)
     top, baseline = majority_baseline(train_path, test_path)
     return DemoResult(out, prepared.manifest["accepted"], scores.overall.n, run.steps, round(seconds, 1), accuracy,
-                      baseline, top, run.losses[0], sum(run.losses[-10:]) / len(run.losses[-10:]))
+                      baseline, top, run.losses[0], sum(run.losses[-10:]) / len(run.losses[-10:]),
+                      chat_command=chat_command(run.run_dir, raw / "test" / "images"))

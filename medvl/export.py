@@ -27,160 +27,21 @@ Everything runs in fp32 so the checks stay exact on CPU; a half-precision export
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
-import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from medvl.errors import MedvlError
-from medvl.families import Family, detect_family
+from medvl.families import Family
 from medvl.models import tokenizer_of
 from medvl.probe import LOGITS_TOL, is_big, probe_inputs, prompt_logits, run_probe, tensor_hashes
 from medvl.model_card import write_model_card
 from medvl.progress import NullProgress
+from medvl.resolve import ModelSource, load_source, resolve_model
 from medvl.shards import parse_size
 
-
-
-# ---------------------------------------------------------------------------------------------------------
-# what is being exported
-
-@dataclass
-class Source:
-    kind: str  # "full" (a save_pretrained model), "lora" (adapter + base), "checkpoint" (accelerate state)
-    path: Path  # the directory holding the weights
-    family: Family
-    run_dir: Path | None = None
-    base: str | None = None
-    run_info: dict = field(default_factory=dict)  # medvl_run.json, when there is one
-
-
-def _is_run_dir(path: Path) -> bool:
-    return (path / "final").is_dir() and ((path / "recipe.yaml").is_file() or (path / "metrics.jsonl").is_file())
-
-
-def resolve_source(path: str | Path, base: str | None = None) -> Source:
-    path = Path(path)
-    if not path.is_dir():
-        raise MedvlError(f"{path} is not a directory", where=str(path),
-                         fix="give a run directory, its final/ directory, a LoRA adapter or a model directory")
-    if _is_run_dir(path):
-        path = path / "final"
-    run_dir = path.parent if _is_run_dir(path.parent) else None
-    info = json.loads((path / "medvl_run.json").read_text()) if (path / "medvl_run.json").is_file() else {}
-    if (path / "trainer_state.json").is_file():
-        run_dir = path.parent.parent
-        if not (run_dir / "recipe.yaml").is_file():
-            raise MedvlError(f"checkpoint {path.name} has no recipe.yaml two levels up", where=str(run_dir),
-                             fix="export the run directory, or a checkpoint inside RUN/checkpoints/")
-        from medvl.config import load_recipe
-
-        recipe = load_recipe(run_dir / "recipe.yaml")
-        base = base or recipe.model.base
-        family = _family_of_base(base, recipe.model.family)
-        return Source("checkpoint", path, family, run_dir, base, {"recipe": json.loads(recipe.model_dump_json()),
-                                                                   "method": recipe.method, "base_model": base})
-    if (path / "adapter_config.json").is_file():
-        adapter = json.loads((path / "adapter_config.json").read_text())
-        base = base or adapter.get("base_model_name_or_path") or info.get("base_model")
-        if not base:
-            raise MedvlError("the adapter does not name its base model", where=str(path / "adapter_config.json"),
-                             fix="pass --base PATH_OR_HUB_ID")
-        return Source("lora", path, _family_of_base(base, None), run_dir, base, info)
-    if (path / "config.json").is_file():
-        return Source("full", path, detect_family(path), run_dir, info.get("base_model"), info)
-    raise MedvlError(f"{path} holds no model: no config.json, adapter_config.json or trainer_state.json",
-                     where=str(path), fix="point at a run directory, RUN/final, a LoRA adapter or a model directory")
-
-
-def _family_of_base(base: str, family_name: str | None) -> Family:
-    from medvl.families import get_family
-
-    if family_name:
-        return get_family(family_name)
-    if not Path(base).is_dir():
-        raise MedvlError(f"the base model {base} is not a local directory", where=base,
-                         fix="download it first (huggingface-cli download ...) and pass --base PATH")
-    return detect_family(base)
-
-
-def load_pre_export(src: Source):
-    """(model in fp32 exactly as the run left it — a PeftModel for LoRA —, processor)."""
-    from medvl.models import apply_resolution, load_model, load_processor
-
-    if src.kind == "full":
-        return load_model(src.path, src.family, dtype="fp32"), _processor(src, src.path)
-    if src.kind == "lora":
-        from peft import PeftModel
-
-        base = load_model(src.base, src.family, dtype="fp32")
-        return PeftModel.from_pretrained(base, str(src.path)), _processor(src, src.path)
-    from medvl.config import load_recipe
-    from medvl.engine.params import apply_plan
-    from medvl.engine.setup import plan_from_recipe
-
-    recipe = load_recipe(src.run_dir / "recipe.yaml")
-    model = apply_plan(load_model(src.base, src.family, dtype="fp32"), src.family,
-                       plan_from_recipe(recipe, src.family))
-    state = checkpoint_state_dict(src.path)
-    result = model.load_state_dict(state, strict=False)
-    tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")} if _tied(model) else set()
-    # Checkpoints hold only what trains (engine/checkpoint.py); frozen weights come from the base model.
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = (set(result.missing_keys) & trainable) - tied
-    if missing or result.unexpected_keys:
-        raise MedvlError(f"checkpoint {src.path.name} does not match the model its recipe builds: "
-                         f"{len(missing)} trainable tensors missing (e.g. {sorted(missing)[:2]}), "
-                         f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})",
-                         where=str(src.path), fix="export RUN/final instead, or check model.base in recipe.yaml")
-    processor = load_processor(src.base, src.family)
-    apply_resolution(processor, src.family, *recipe.data.pixel_range)
-    return model, processor
-
-
-def _tied(model) -> bool:
-    cfg = model.config
-    return bool(getattr(cfg, "tie_word_embeddings", False)
-                or getattr(cfg.get_text_config(), "tie_word_embeddings", False))
-
-
-def _processor(src: Source, path: Path):
-    from medvl.models import load_processor
-
-    if (path / "tokenizer_config.json").is_file():
-        return load_processor(path, src.family)
-    if src.base:
-        return load_processor(src.base, src.family)
-    raise MedvlError(f"{path} has no tokenizer or processor", where=str(path),
-                     fix="save the processor next to the weights (processor.save_pretrained)")
-
-
-def checkpoint_state_dict(ckpt: Path) -> dict:
-    """The model weights of an accelerate `save_state` directory, consolidated to one fp32/16-bit state dict."""
-    import torch
-
-    if (ckpt / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(ckpt / "model.safetensors")
-    for name in ("pytorch_model.bin", "pytorch_model_fsdp.bin"):  # accelerate's names (FSDP: full state dict)
-        if (ckpt / name).is_file():
-            return torch.load(ckpt / name, map_location="cpu", weights_only=True)
-    tags = sorted(p.name for p in ckpt.iterdir() if p.is_dir() and any(p.glob("*model_states.pt")))
-    if tags:
-        # DeepSpeed ZeRO: accelerate saves under tag "pytorch_model"; zero_to_fp32 merges the partitions.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        tag = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else tags[0]
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress; the library does not
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
-    raise MedvlError(f"no model weights in checkpoint {ckpt.name}", where=str(ckpt),
-                     fix="expected model.safetensors, pytorch_model.bin, pytorch_model_fsdp.bin or DeepSpeed "
-                         "ZeRO shards (FSDP sharded state dicts are not read: train with FULL_STATE_DICT)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,10 +105,10 @@ def export(source: str | Path, out: str | Path, *, dtype: str = "bf16", max_shar
     shard_bytes = parse_size(max_shard_size)
     out = Path(out)
     check_writable_target(out, overwrite)  # before minutes of loading, not after
-    src = resolve_source(source, base)
+    src = resolve_model(source, base=base)
     progress.note(f"exporting a {src.kind} {src.family.name} model from {src.path}")
 
-    model, processor = load_pre_export(src)
+    model, processor = load_source(src, dtype="fp32")  # LoRA: the PeftModel, merged below
     model.eval()
     inputs = probe_inputs(processor, src.family)
     pre = run_probe(model, inputs, max_new_tokens)
@@ -298,7 +159,7 @@ def write_preprocessor_config(path: Path, processor) -> None:
         image_processor.save_pretrained(path)
 
 
-def carry_video_config(path: Path, src: Source) -> None:
+def carry_video_config(path: Path, src: ModelSource) -> None:
     """medvl saves Qwen-VL / InternVL processors without their video processor (it needs torchvision), but stock
     AutoProcessor on a machine with torchvision (vLLM's) builds one and needs its config: copy it from the source
     or the base when either has it."""

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from medvl.export import Parity, Source
+    from medvl.export import Parity
+    from medvl.resolve import ModelSource
 
 
 def redact(value, run_dir: Path | None):
@@ -42,7 +43,7 @@ def _results(run_dir: Path | None) -> list[tuple[str, dict]]:
     return found
 
 
-def write_model_card(path: Path, name: str, src: Source, parity: Parity, cls_name: str, dtype: str) -> None:
+def write_model_card(path: Path, name: str, src: ModelSource, parity: Parity, cls_name: str, dtype: str) -> None:
     from medvl.versions import library_versions
 
     info = redact(src.run_info, src.run_dir)

@@ -36,6 +36,12 @@ from medvl.errors import MedvlError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 PERCENTILE_WINDOW = (0.5, 99.5)
+# Named CT windows as (center, width) in Hounsfield units, the usual reading-room values (Radiopaedia's table):
+# they replace the file's own VOI window when a viewer (`medvl chat`'s /window) asks for one.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "bone": (400.0, 1800.0), "brain": (40.0, 80.0),
+    "abdomen": (50.0, 400.0),
+}
 
 
 def is_dicom(path: str | Path) -> bool:
@@ -59,10 +65,13 @@ class ImageInfo:
     frames: int = 1
 
 
-def load_image(path: str | Path, *, frame: str | int = "middle") -> Image.Image:
-    """Decode one image file to an 8-bit RGB PIL image; raises MedvlError when it cannot be decoded."""
+def load_image(path: str | Path, *, frame: str | int = "middle",
+               window: tuple[float, float] | None = None) -> Image.Image:
+    """Decode one image file to an 8-bit RGB PIL image; raises MedvlError when it cannot be decoded.
+    `window` (center, width), in the modality's units after rescale, replaces a grayscale DICOM's own VOI window
+    (linear); other images ignore it."""
     if is_dicom(path):
-        return _dicom_frame(path, frame)[0]
+        return _dicom_frame(path, frame, window)[0]
     return _open_pil(path)[0]
 
 
@@ -117,7 +126,8 @@ def _percentile_window(a: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------- DICOM
 
 
-def _dicom_frame(path: str | Path, frame: str | int) -> tuple[Image.Image, int]:
+def _dicom_frame(path: str | Path, frame: str | int,
+                 window: tuple[float, float] | None = None) -> tuple[Image.Image, int]:
     """(RGB image of the chosen frame, number of frames)."""
     import warnings
 
@@ -127,7 +137,7 @@ def _dicom_frame(path: str | Path, frame: str | int) -> tuple[Image.Image, int]:
         warnings.simplefilter("ignore", UserWarning)
         ds, n = _dicom_read(path)
         index = _frame_index(frame, n, path)
-        return _dicom_rgb(ds, index, n, path), n
+        return _dicom_rgb(ds, index, n, path, window), n
 
 
 def _dicom_read(path: str | Path) -> tuple[Any, int]:
@@ -145,7 +155,8 @@ def _dicom_read(path: str | Path) -> tuple[Any, int]:
     return ds, int(ds.get("NumberOfFrames", 1) or 1)
 
 
-def _dicom_rgb(ds: Any, index: int, n: int, path: str | Path) -> Image.Image:
+def _dicom_rgb(ds: Any, index: int, n: int, path: str | Path,
+               override: tuple[float, float] | None = None) -> Image.Image:
     from pydicom.pixels import apply_color_lut, pixel_array
 
     try:
@@ -170,7 +181,7 @@ def _dicom_rgb(ds: Any, index: int, n: int, path: str | Path) -> Image.Image:
         raise MedvlError(f"unexpected DICOM pixel array shape {arr.shape}", where=str(path))
     slope, intercept = _rescale(ds, index)
     values = arr.astype(np.float64) * slope + intercept
-    window = _window(ds, index)
+    window = (*override, "LINEAR") if override else _window(ds, index)
     gray = _apply_window(values, *window) if window else _percentile_window(values)
     if photometric == "MONOCHROME1":  # 0 means white in MONOCHROME1 (CR/DX); invert so bone stays white
         gray = 255 - gray

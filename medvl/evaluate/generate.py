@@ -36,9 +36,10 @@ from pathlib import Path
 
 from medvl.errors import MedvlError
 from medvl.evaluate.suites import EvalItem, build_prompt
-from medvl.families import Family, detect_family
+from medvl.families import Family
 from medvl.models import tokenizer_of
 from medvl.progress import NullProgress, ProgressSink
+from medvl.resolve import ModelSource, load_source, resolve_dtype, resolve_model
 
 DECODINGS = ("greedy", "huatuo")
 # HuatuoGPT-Vision eval.py: --max_new_tokens 256 (overriding its chatbot's 512); the answer is one letter, and
@@ -185,12 +186,14 @@ class AnswerCache:
 
 @dataclass(frozen=True)
 class Target:
-    """What is evaluated: a base checkpoint, optionally a LoRA adapter on top (never merged)."""
+    """What is evaluated: a base checkpoint, optionally a LoRA adapter (or a step checkpoint's trainable weights)
+    on top, never merged. Resolved by medvl.resolve, the one resolver chat and export use too."""
 
     base: Path
     family: Family
     adapter: Path | None = None
     processor_dir: Path | None = None  # where the processor is read: the adapter's run saves it there
+    source: ModelSource | None = field(default=None, compare=False)
 
     def fingerprint(self) -> dict:
         return {"base": _dir_identity(self.base),
@@ -205,52 +208,16 @@ def _dir_identity(path: Path) -> dict:
 
 
 def resolve_target(model: str | Path | None, adapter: str | Path | None = None) -> Target:
-    """--model / --adapter -> Target. A run directory stands for its `final/`; a LoRA directory passed as
-    --model is treated as --adapter; an adapter's base comes from --model or its adapter_config.json."""
-    def find(path: Path, marker: str) -> Path | None:
-        for candidate in (path, path / "final"):
-            if (candidate / marker).is_file():
-                return candidate
-        return None
-
+    """--model / --adapter -> Target (medvl.resolve.resolve_model): a run directory stands for its `final/`; a
+    LoRA directory passed as --model is an adapter over the base its config names; --model with --adapter is
+    the adapter's base."""
     if model is None and adapter is None:
         raise MedvlError("nothing to evaluate", fix="pass --model MODEL_DIR (and optionally --adapter LORA_DIR)")
-    if adapter is None:
-        model = Path(model)
-        base = find(model, "config.json")
-        if base is not None:
-            return Target(base, detect_family(base))
-        if find(model, "adapter_config.json") is None:
-            raise MedvlError(f"{model} holds no model (no config.json, here or in final/)", where=str(model),
-                             fix="point --model at a save_pretrained directory or a medvl run directory")
-        model, adapter = None, model
-    adapter = Path(adapter)
-    adapter_dir = find(adapter, "adapter_config.json")
-    if adapter_dir is None:
-        raise MedvlError(f"{adapter} holds no LoRA adapter (no adapter_config.json, here or in final/)",
-                         where=str(adapter), fix="pass the run directory or the folder with adapter_config.json")
-    if model is None:
-        named = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not named or find(Path(named), "config.json") is None:
-            raise MedvlError(f"the adapter's base model {named!r} is not a local directory", where=str(adapter_dir),
-                             fix="pass the base checkpoint with --model BASE_DIR")
-        model = Path(named)
-    base = find(Path(model), "config.json")
-    if base is None:
-        raise MedvlError(f"{model} holds no model (no config.json)", where=str(model),
-                         fix="--model must be the base checkpoint the adapter was trained on")
-    # medvl's training saves the processor next to the adapter (with the run's resolution applied): use it.
-    has_processor = any((adapter_dir / n).is_file() for n in ("tokenizer_config.json", "processor_config.json"))
-    return Target(base, detect_family(base), adapter_dir, adapter_dir if has_processor else None)
-
-
-def resolve_dtype(dtype: str) -> str:
-    """'auto' -> bf16 on a CUDA GPU that supports it, else fp32 (CPU bf16 matmuls are slow and noisier)."""
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    src = resolve_model(model, adapter=adapter)
+    if src.kind == "full":
+        return Target(src.path, src.family, source=src)
+    has_processor = src.processor_dir == src.path
+    return Target(src.base_dir, src.family, src.path, src.path if has_processor else None, source=src)
 
 
 @dataclass
@@ -293,16 +260,10 @@ class Generator:
     def load(cls, target: Target, decoding: Decoding, *, dtype: str = "auto", device=None) -> Generator:
         import torch
 
-        from medvl.models import load_model, load_processor
-
         dtype = resolve_dtype(dtype)
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        processor = load_processor(target.processor_dir or target.base, target.family)
-        model = load_model(target.base, target.family, dtype=dtype)
-        if target.adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(target.adapter))  # adapters stay separate, never merged
+        model, processor = load_source(target.source or resolve_model(target.base, adapter=target.adapter),
+                                       dtype=dtype)  # an adapter stays separate, never merged
         model.to(device).eval()
         return cls(model, processor, target.family, decoding, device=device,
                    fingerprint={**target.fingerprint(), "dtype": dtype})

@@ -1,0 +1,82 @@
+"""`medvl chat --plain`: a line loop for bare SSH sessions and scripts (the seed's cli.py, done properly).
+
+Each input line is a question or a slash command (/image PATH, /clear, /quit, ... as in the app; `clear` and
+`quit` / `exit` also work bare, as in the seed). Answers go to stdout, streamed; everything else (notes, errors)
+to stderr, so `echo "What modality is this?" | medvl chat MODEL --image ct.dcm` prints exactly one answer.
+`--json` prints one JSON object per answer instead: {"answer", "tokens", "seconds"} (+ "model" when comparing).
+A failed line (a bad image, an overflowing context) is reported and the loop goes on; the exit status is then 2.
+Ctrl-C during an answer stops that answer and keeps the conversation; at the prompt it leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from medvl.errors import MedvlError
+
+ALIASES = {"clear": "/clear", "quit": "/quit", "exit": "/quit", "q": "/quit"}
+
+
+def run_plain(session, *, as_json: bool = False, stdin=None, stdout=None, stderr=None) -> int:
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    interactive = stdin.isatty()
+    failed = False
+    names = [bot.source.path.name for bot in session.bots]
+    while True:
+        if interactive:
+            stderr.write("you> ")
+            stderr.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line and not interactive:
+            continue  # blank lines in a piped script are spacing, not questions
+        line = ALIASES.get(line.lower(), line)
+        try:
+            step = session.handle(line)
+        except MedvlError as exc:
+            failed = True
+            stderr.write(f"error: {exc.render()}\n")
+            continue
+        if step.quit:
+            break
+        if step.message:
+            stderr.write(step.message + "\n")
+        for name, bot, stream in zip(names, session.bots, step.streams):
+            try:
+                failed |= _answer(stream, bot, name if len(names) > 1 else None, as_json, stdout, stderr)
+            except MedvlError as exc:
+                failed = True
+                stderr.write(f"error: {exc.render()}\n")
+            except KeyboardInterrupt:  # Ctrl-C mid-answer stops that answer (kept, as in the app), not the session
+                stream.close()
+                stdout.write("\n")
+                stderr.write("(stopped)\n")
+    return 2 if failed else 0
+
+
+def _answer(stream, bot, label, as_json: bool, stdout, stderr) -> bool:
+    if not as_json and label:
+        stdout.write(f"[{label}] ")
+    pieces = []
+    for piece in stream:
+        pieces.append(piece)
+        if not as_json:
+            stdout.write(piece)
+            stdout.flush()
+    reply = bot.last
+    if as_json:
+        row = {"answer": reply.text, "tokens": reply.tokens, "seconds": round(reply.seconds, 3)}
+        if label:
+            row["model"] = label
+        stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        stdout.write("\n")
+    stdout.flush()
+    if reply.context_full:
+        stderr.write(f"note: the answer reached the model's context limit ({bot.context_limit} tokens); "
+                     "send `clear` to start a new conversation\n")
+        return True
+    return False

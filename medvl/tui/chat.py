@@ -1,0 +1,238 @@
+"""`medvl chat` on a terminal: a Textual app over medvl.session.ChatSession (one model, or two side by side).
+
+The screen is up before the model has loaded (loading runs in a worker thread; what you type meanwhile is
+queued and sent once it is ready). Each answer streams in a worker thread too, so the UI never blocks: Esc or
+Ctrl-C stops the answer and keeps the conversation. The status line shows model, family, device, dtype, the last
+answer's tokens/s and how much of the model's context the conversation uses.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from medvl.tui.chat_widgets import Answer, Note, PathSuggester, PromptInput, Thumbnail, UserMessage  # noqa: I001
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Static
+
+from medvl.errors import MedvlError
+from medvl.session import COMMANDS
+
+HELLO = ("Ask about your images. /image PATH attaches one (TAB completes), /help lists the commands, "
+         "Esc stops an answer, Ctrl-Q quits.")
+
+
+class ChatApp(App):
+    CSS_PATH = "medvl.tcss"
+    TITLE = "medvl chat"
+    BINDINGS = [
+        Binding("escape", "stop", "stop answer", priority=True),
+        Binding("ctrl+c", "stop", "stop answer", priority=True, show=False),
+        Binding("ctrl+q", "quit", "quit", priority=True),
+    ]
+
+    def __init__(self, sources, *, options=None, images=(), system: str | None = None, dtype: str | None = None,
+                 device=None, bots=None) -> None:
+        """`sources`: resolved models (medvl.resolve), loaded in a worker; or `bots`: already-loaded Chatbots."""
+        super().__init__()
+        self.sources = list(sources) if sources else [b.source for b in bots]
+        self.options, self.system, self.dtype, self.device = options, system, dtype, device
+        self.initial_images = list(images)
+        self.session = None
+        self._bots = bots
+        self.queued: list[str] = []
+        self.running = 0
+        self.t_load = time.perf_counter()
+        self.loading = ""
+
+    # -- layout
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="columns"):
+            for i, src in enumerate(self.sources):
+                with Vertical(classes="column second" if i else "column"):
+                    if len(self.sources) > 1:
+                        yield Static(f"{'AB'[i]} · {src.name} · {src.family.name}", classes="column-title",
+                                     markup=False)
+                    yield VerticalScroll(id=f"conversation-{i}", classes="conversation")
+        yield PromptInput(placeholder="Ask a question, or /help", id="prompt", suggester=PathSuggester(Path.cwd(), COMMANDS))
+        yield Static("", id="status", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#prompt").focus()
+        self.set_interval(1 / 20, self.flush)
+        self.note(HELLO)
+        self.loading = ", ".join(s.describe() for s in self.sources)
+        self.set_status(f"loading {self.loading} … (you can type; questions are sent once it is loaded)")
+        if self._bots is not None:
+            self.loaded(self._bots)
+        else:
+            self.load_models()
+
+    @work(thread=True, exclusive=True, group="load")
+    def load_models(self) -> None:
+        from medvl.inference import Chatbot
+
+        try:
+            bots = [Chatbot(source=s, dtype=self.dtype, device=self.device, options=self.options,
+                            system=self.system) for s in self.sources]
+        except Exception as exc:  # MedvlError (adapter does not fit) or a broken checkpoint: say it, stay up
+            self.call_from_thread(self.note, _message(exc), error=True)
+            self.call_from_thread(self.load_failed)
+            return
+        self.call_from_thread(self.loaded, bots)
+
+    def load_failed(self) -> None:
+        self.loading = ""
+        self.set_status("the model failed to load: see above; Ctrl-Q quits")
+
+    def loaded(self, bots) -> None:
+        from medvl.session import ChatSession
+
+        self.loading = ""
+        try:
+            self.session = ChatSession(bots, self.initial_images)
+        except MedvlError as exc:
+            self.session = ChatSession(bots)
+            self.note(_message(exc), error=True)
+        if self.session.pending:
+            for col in self.columns():
+                col.mount(Vertical(*[Thumbnail(im) for im in self.session.pending], classes="pending"))
+            self.note(f"{len(self.session.pending)} image(s) attached; they go with your first question")
+        self.set_status(self.status_text(f"loaded in {time.perf_counter() - self.t_load:.1f} s"))
+        queued, self.queued = self.queued, []
+        for line in queued:
+            self.submit(line)
+
+    # -- helpers
+
+    def columns(self) -> list[VerticalScroll]:
+        return [self.query_one(f"#conversation-{i}", VerticalScroll) for i in range(len(self.sources))]
+
+    def note(self, text: str, *, error: bool = False) -> None:
+        for col in self.columns():
+            col.mount(Note(text, error=error))
+            col.scroll_end(animate=False)
+
+    def set_status(self, text: str) -> None:
+        self.query_one("#status", Static).update(text)
+
+    def status_text(self, extra: str = "") -> str:
+        bots = self.session.bots if self.session else []
+        parts = []
+        for i, bot in enumerate(bots):
+            speed = f"{bot.last.tokens_per_s:.0f} tok/s" if bot.last else "- tok/s"
+            limit = f"/{bot.context_limit}" if bot.context_limit else ""
+            who = f"{bot.source.name} · {bot.family.name}" if len(bots) == 1 else "AB"[i]
+            parts.append(f"{who} · {speed} · context {bot.context_used}{limit}")
+        if bots:  # device and dtype once: compare mode loads both models the same way
+            parts.insert(1 if len(bots) == 1 else 0, f"{bots[0].device} · {bots[0].dtype}")
+        return " · ".join(parts) + (f" · {extra}" if extra else "")
+
+    # -- input
+
+    def on_input_submitted(self, event: PromptInput.Submitted) -> None:
+        line = event.value
+        event.input.value = ""
+        if self.session is None:
+            if line.strip():
+                self.queued.append(line)
+                self.note(f"queued until the model is loaded: {line}")
+            return
+        if self.running:
+            self.note("the model is still answering: Esc stops it", error=True)
+            event.input.value = line
+            return
+        self.submit(line)
+
+    def submit(self, line: str) -> None:
+        try:
+            step = self.session.handle(line)
+        except MedvlError as exc:
+            self.note(_message(exc), error=True)
+            return
+        if step.quit:
+            self.exit()
+            return
+        cols = self.columns()
+        if step.clear:
+            for col in cols:
+                col.remove_children()
+        if step.undo:
+            for col in cols:
+                for cls in ("Answer", "UserMessage"):
+                    found = col.query(cls)
+                    if found:
+                        found.last().remove()
+        if step.message:
+            self.note(step.message)
+        if step.images and not step.streams:  # /image or /window: show what the model will see
+            kind = "pending" if line.strip().startswith("/image") else "rewindowed"
+            for col in cols:
+                col.mount(Vertical(*[Thumbnail(im) for im in step.images], classes=kind))
+                col.scroll_end(animate=False)
+        if not step.streams:
+            self.set_status(self.status_text())
+            return
+        for col in cols:
+            if step.retry:
+                found = col.query("Answer")
+                if found:
+                    found.last().remove()
+            else:
+                for pending in col.query(".pending"):
+                    pending.remove()
+                col.mount(UserMessage(step.question, step.images))
+        self.running = len(step.streams)
+        for col, bot, stream in zip(cols, self.session.bots, step.streams):
+            answer = Answer()
+            col.mount(answer)
+            col.scroll_end(animate=False)
+            self.stream_answer(bot, stream, answer, col)
+        self.set_status(self.status_text("answering … Esc stops"))
+
+    @work(thread=True)
+    def stream_answer(self, bot, stream, answer: Answer, col: VerticalScroll) -> None:
+        # Pieces go to a list the UI drains 20 times a second (flush): waiting for the UI on every token
+        # (call_from_thread blocks) cost the tiny model two thirds of its speed.
+        try:
+            for piece in stream:
+                answer.incoming.append(piece)
+            self.call_from_thread(self.flush)
+            self.call_from_thread(answer.finish, bot.last)
+        except Exception as exc:  # context overflow mid-answer, a CUDA error: shown, the session lives
+            self.call_from_thread(answer.fail, _message(exc))
+        finally:
+            self.call_from_thread(self._answer_done)
+
+    def flush(self) -> None:
+        if self.loading:  # a 7B model takes a while: show that it is still going
+            self.set_status(f"loading {self.loading} … {time.perf_counter() - self.t_load:.0f} s (you can type; "
+                            "questions are sent once it is loaded)")
+        if not self.running:
+            return
+        for col in self.columns():
+            moved = False
+            for answer in col.query(Answer):
+                moved |= answer.drain()
+            if moved:
+                col.scroll_end(animate=False)
+
+    def _answer_done(self) -> None:
+        self.running -= 1
+        if not self.running:
+            self.set_status(self.status_text())
+            for col in self.columns():
+                col.scroll_end(animate=False)
+
+    def action_stop(self) -> None:
+        if self.running and self.session:
+            for bot in self.session.bots:
+                bot.stop()
+
+
+def _message(exc: Exception) -> str:
+    return exc.render() if isinstance(exc, MedvlError) else f"{type(exc).__name__}: {exc}"
