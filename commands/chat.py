@@ -61,7 +61,7 @@ def chat(
     options.kwargs()  # bad values fail now, not after loading
     sources = [resolve_model(model, adapter=adapter)] + ([resolve_model(compare)] if compare else [])
     images = _check_images(sources, list(image or []))
-    _quiet_loading()
+    quiet_loading()
     if plain or as_json or not (sys.stdin.isatty() and sys.stdout.isatty()):
         from medvl.commands.chat_plain import run_plain
         from medvl.inference import Chatbot
@@ -89,7 +89,7 @@ def _check_images(sources, images) -> list:
     return [check_image(path) for path in images]
 
 
-def _quiet_loading() -> None:
+def quiet_loading() -> None:
     """transformers draws a 'Loading weights' bar on stderr: noise in a script, garbage over the app's screen."""
     import transformers
 

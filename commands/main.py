@@ -49,6 +49,7 @@ from medvl.commands import export as _export  # noqa: E402
 from medvl.commands import evaluate as _evaluate  # noqa: E402
 from medvl.commands import recipes as _recipes  # noqa: E402
 from medvl.commands import score as _score  # noqa: E402
+from medvl.commands import serve as _serve  # noqa: E402
 from medvl.commands import tiny as _tiny  # noqa: E402
 from medvl.commands import train as _train  # noqa: E402
 
@@ -62,6 +63,7 @@ COMMANDS = {  # in the order of the recipe; `medvl --help` lists them so
     "score": _score.score,
     "chat": _chat.chat,
     "export": _export.export,
+    "serve": _serve.serve,
     "tiny": _tiny.tiny,
     "demo": _demo.demo,
 }

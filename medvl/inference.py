@@ -103,6 +103,21 @@ class Reply:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def render_prompt(processor, family, turns: Sequence[Turn], system: str | None = None) -> tuple[str, list]:
+    """A conversation -> (the chat-templated prompt, generation prompt included; the images it shows, in order).
+    The one rendering of a conversation: Chatbot and the server (medvl.server) both prompt through it, so a
+    served answer is the answer `Chatbot.chat` gives."""
+    from medvl.data.collate import to_template_messages
+
+    msgs = [{"role": "system", "content": system}] if system else []
+    for t in turns:
+        msgs.append({"role": t.role, "content": "<image>" * len(t.images) + t.text if t.role == "user" else t.text})
+    text = processor.apply_chat_template(to_template_messages(msgs, family.is_vision), tokenize=False,
+                                         add_generation_prompt=True)
+    images = [im.load() for t in turns for im in t.images] if family.is_vision else []
+    return text, images
+
+
 class Chatbot:
     def __init__(self, model: str | Path | None = None, adapter: str | Path | None = None, device=None,
                  dtype: str | None = None, *, system: str | None = None, options: GenerationOptions | None = None,
@@ -211,20 +226,9 @@ class Chatbot:
 
     # -- generation
 
-    def _messages(self) -> list[dict]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        for t in self.turns:
-            msgs.append({"role": t.role, "content": "<image>" * len(t.images) + t.text if t.role == "user"
-                         else t.text})
-        return msgs
-
     def _inputs(self):
-        from medvl.data.collate import to_template_messages
-
-        templated = to_template_messages(self._messages(), self.family.is_vision)
-        text = self.processor.apply_chat_template(templated, tokenize=False, add_generation_prompt=True)
+        text, images = render_prompt(self.processor, self.family, self.turns, self.system)
         if self.family.is_vision:
-            images = [im.load() for t in self.turns for im in t.images]
             return self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
         return self.tokenizer([text], return_tensors="pt", add_special_tokens=False)
 
