@@ -30,6 +30,7 @@ from pathlib import Path
 
 from medvl.errors import MedvlError
 from medvl.conversation import ChatImage, check_image
+from medvl.data.turns import stop_token_ids
 from medvl.models import tokenizer_of
 from medvl.resolve import ModelSource, load_source, resolve_dtype, resolve_model
 
@@ -105,17 +106,18 @@ class Reply:
 
 def render_prompt(processor, family, turns: Sequence[Turn], system: str | None = None) -> tuple[str, list]:
     """A conversation -> (the chat-templated prompt, generation prompt included; the images it shows, in order).
-    The one rendering of a conversation: Chatbot and the server (medvl.server) both prompt through it, so a
-    served answer is the answer `Chatbot.chat` gives."""
-    from medvl.data.collate import to_template_messages
+    Rendered exactly as training renders the same turns (medvl.data.turns: the checkpoint's template, its image
+    newline and BOS rules). Chatbot and the server (medvl.server) both prompt through it, so a served answer is the
+    answer `Chatbot.chat` gives."""
+    from medvl.data.schema import IMAGE_PLACEHOLDER
+    from medvl.data.turns import render_prompt as render
 
     msgs = [{"role": "system", "content": system}] if system else []
     for t in turns:
-        msgs.append({"role": t.role, "content": "<image>" * len(t.images) + t.text if t.role == "user" else t.text})
-    text = processor.apply_chat_template(to_template_messages(msgs, family.is_vision), tokenize=False,
-                                         add_generation_prompt=True)
+        content = IMAGE_PLACEHOLDER * len(t.images) + t.text if t.role == "user" else t.text
+        msgs.append({"role": t.role, "content": content})
     images = [im.load() for t in turns for im in t.images] if family.is_vision else []
-    return text, images
+    return render(processor, msgs, family.is_vision), images
 
 
 class Chatbot:
@@ -137,7 +139,7 @@ class Chatbot:
         cfg = self.model.config
         self.context_limit = getattr(cfg.get_text_config(), "max_position_embeddings", None)
         self.image_token_id = getattr(cfg, "image_token_id", None)
-        self.eos = self._eos_ids()
+        self.eos = stop_token_ids(self.model, self.processor, self.family.is_vision)
         self.turns: list[Turn] = []
         self.last: Reply | None = None
         self.context_used = 0
@@ -358,11 +360,3 @@ class Chatbot:
         self.turns.append(Turn("assistant", reply.text))
         self.last = reply
 
-    def _eos_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-        vocab = self.tokenizer.get_vocab()
-        for token in (self.tokenizer.eos_token, self.family.end_of_turn):
-            if token in vocab:
-                eos.append(vocab[token])
-        return sorted(set(eos))

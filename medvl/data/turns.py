@@ -231,3 +231,16 @@ def end_of_turn(owner, vision: bool) -> str | None:
     s, e = spans[0]
     body = text[s:e]
     return body[body.rfind(_PROBE_A) + len(_PROBE_A):] or None
+
+
+def stop_token_ids(model, owner, vision: bool) -> list[int]:
+    """What generation stops on: the checkpoint's generation_config eos ids, the tokenizer's eos and the end of turn
+    its own chat template writes (GLM-4: <|user|>; LLaVA-1.5: </s>). Chat, eval and the server all stop here."""
+    eos = model.generation_config.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+    tok = _tokenizer(owner)
+    vocab = tok.get_vocab()
+    for token in (tok.eos_token, end_of_turn(owner, vision)):
+        if token in vocab:
+            eos.append(vocab[token])
+    return sorted(set(eos))

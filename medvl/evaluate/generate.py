@@ -242,15 +242,10 @@ class Generator:
         self.tokenizer.padding_side = "left"  # see the module docstring: new tokens go after the last column
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        eos = model.generation_config.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-        from medvl.data.turns import end_of_turn
+        from medvl.data.turns import stop_token_ids
 
-        # the model's eos and the end of turn its own chat template uses (GLM-4: <|user|>; LLaVA-1.5: </s>)
-        for token in (self.tokenizer.eos_token, end_of_turn(processor, family.is_vision)):
-            if token in self.tokenizer.get_vocab():
-                eos.append(self.tokenizer.convert_tokens_to_ids(token))
-        self.generation_config = GenerationConfig(**decoding.generation_kwargs(), eos_token_id=sorted(set(eos)),
+        eos = stop_token_ids(model, processor, family.is_vision)
+        self.generation_config = GenerationConfig(**decoding.generation_kwargs(), eos_token_id=eos,
                                                   pad_token_id=self.tokenizer.pad_token_id, bos_token_id=None)
         self._run_key = _digest(json.dumps({"target": dict(fingerprint or {}), "decoding": decoding.as_dict()},
                                            sort_keys=True, default=str))
