@@ -86,7 +86,8 @@ class EncodedDataset:
 
             return Rejected(str(rec.get("id", i)), "images_for_text_model",
                             f"{len(rec['images'])} image(s) but {self.family.name} is a text-only model")
-        root = rec.get("image_root") or self.index.roots[self.index.shard_of[i]]
+        # image_root is a str in the JSON line; relative paths (every real dataset's `images/...`) join onto it
+        root = Path(rec.get("image_root") or self.index.roots[self.index.shard_of[i]])
         images = [self.load_image(p if Path(p).is_absolute() else root / p) for p in rec.get("images", [])]
         return encode_record(rec, images, self.processor, self.family, loss_mask=self.loss_mask,
                              max_seq_len=self.max_seq_len)
