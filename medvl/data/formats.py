@@ -15,6 +15,7 @@ PubMedVision file costs memory for one element, not the file.
 | `openai` | OpenAI chat / Qwen message lists | `messages` with str content or `text` / `image_url` / `image` blocks |
 | `alpaca` | Alpaca, text classification, NER | `instruction`, `input`, `output` (+ optional `system`, `history`) |
 | `medeval` | HuatuoGPT-Vision medical evaluation JSON | `question`, `options`, `answer`, `image`, `dataset` |
+| `columns` | any CSV / flat JSON table (classification, NER, QA) | columns named by `ReadOptions.columns` |
 
 The ShareGPT-shaped sources share one reader because their shapes coincide; their quirks are all handled there:
 PubMedVision's missing `<image>` tags (inserted later by `checks.py`), Ovis `ignored_gpt` turns (`train: false`),
@@ -64,7 +65,10 @@ FORMATS: dict[str, str] = {
     "openai": "OpenAI-style messages with text and image content blocks",
     "alpaca": "Alpaca instruction / input / output",
     "medeval": "HuatuoGPT-Vision medical evaluation JSON (question, options, answer, image)",
+    "columns": "CSV (or flat JSON) rows whose columns are named with --columns user=COL,assistant=COL[,image=COL]",
 }
+# --columns keys: which column holds each part of a one-exchange sample
+COLUMN_ROLES = ("user", "assistant", "image", "system", "id")
 ALIASES = {"pubmedvision": "sharegpt", "huatuo": "sharegpt", "llava": "sharegpt", "ovis": "sharegpt",
            "qwen-vl": "sharegpt", "internvl": "internvl-meta", "qwen2-vl-csv": "llm-finetune"}
 
@@ -87,6 +91,26 @@ class ReadOptions:
     csv_prompt: str = "COCO Yes:"  # user text of llm-finetune CSV rows (LLM-Finetune's csv2json prompt)
     inline_image_dir: str | None = None  # where openai data: URL images are written; None rejects them
     chunk_chars: int = 1 << 16  # read size of the streaming JSON array reader
+    columns: tuple[tuple[str, str], ...] = ()  # ("user", "question"), ...: read rows with the `columns` format
+
+
+def parse_columns(spec: str) -> tuple[tuple[str, str], ...]:
+    """`user=question,assistant=answer,image=path` -> (("user", "question"), ...); user and assistant required."""
+    pairs: dict[str, str] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        key, eq, column = (x.strip() for x in part.partition("="))
+        if not eq or not column or key not in COLUMN_ROLES:
+            raise MedvlError(f"cannot read column mapping {part!r}", where="--columns",
+                             fix=f"write ROLE=COLUMN pairs, ROLE one of {', '.join(COLUMN_ROLES)}: "
+                                 "--columns user=question,assistant=answer,image=path")
+        if key in pairs:
+            raise MedvlError(f"{key} is mapped twice", where="--columns")
+        pairs[key] = column
+    missing = [k for k in ("user", "assistant") if k not in pairs]
+    if missing:
+        raise MedvlError(f"no column given for {' and '.join(missing)}", where="--columns",
+                         fix="e.g. --columns user=question,assistant=answer")
+    return tuple(pairs.items())
 
 
 class _Reject(Exception):
@@ -163,6 +187,12 @@ def read_file(path: str | Path, format: str | None = None, *,
     if not path.is_file():
         raise MedvlError("data file not found", where=str(path))
     fmt = canonical_format(format) if format else None
+    if options.columns:
+        if fmt not in (None, "columns"):
+            raise MedvlError(f"--columns reads rows with the columns format, not {fmt}", fix="drop --format")
+        fmt = "columns"
+    elif fmt == "columns":
+        raise MedvlError("the columns format needs a column mapping", fix="add --columns user=COL,assistant=COL")
     source = options.source or path.stem
     root = str(Path(options.image_root or path.parent).resolve())
     raws = iter_raw(path, chunk_chars=options.chunk_chars)
@@ -184,6 +214,8 @@ def read_file(path: str | Path, format: str | None = None, *,
         raws = chain(held, raws)
         if fmt is None:  # nothing but broken samples: report each of them
             fmt = "sharegpt"
+    if fmt == "columns":
+        raws = _check_columns(raws, options, path)
     for location, index, raw in raws:
         yield normalize(raw, fmt, location=location, index=index, source=source, image_root=root, options=options)
 
@@ -267,6 +299,35 @@ def _from_sharegpt(raw: dict, ctx: _Ctx) -> Record:
     meta = {k: raw.get(k) for k in ("modality", "body_part", "width", "height")}
     return _record(raw.get("id"), ctx, images or embedded, messages, **meta,
                    widths=raw.get("width_list"), heights=raw.get("height_list"))
+
+
+def _check_columns(raws, options: ReadOptions, path: Path):
+    """The first row must have every mapped column: a wrong name is one file-level error, not N rejections."""
+    held = []
+    for item in raws:
+        held.append(item)
+        if isinstance(item[2], dict):
+            absent = [f"{col} ({role})" for role, col in options.columns if col not in item[2]]
+            if absent:
+                raise MedvlError(f"no column {', '.join(absent)} in the file; it has: "
+                                 f"{', '.join(map(str, list(item[2])[:20]))}", where=item[0],
+                                 fix="name existing columns in --columns ROLE=COLUMN")
+            break
+    return chain(held, raws)
+
+
+def _from_columns(raw: dict, ctx: _Ctx) -> Record:
+    cols = dict(ctx.options.columns)
+    value = {role: raw.get(col) for role, col in cols.items()}
+    for role in ("user", "assistant", "system"):
+        if value.get(role) is not None and not isinstance(value[role], str):
+            value[role] = str(value[role])  # flat JSON numbers / booleans (labels) become their text
+    if not (value["user"] or "").strip() or not (value["assistant"] or "").strip():
+        raise _Reject("bad-shape", f"empty {cols['user']!r} (user) or {cols['assistant']!r} (assistant) column")
+    image = (value.get("image") or "").strip() if isinstance(value.get("image"), str) else ""
+    messages = [Message("system", value["system"])] if (value.get("system") or "").strip() else []
+    messages += [Message("user", value["user"]), Message("assistant", value["assistant"], True)]
+    return _record(value.get("id"), ctx, [image] if image else [], messages)
 
 
 def _from_disc(raw: dict, ctx: _Ctx) -> Record:
@@ -399,7 +460,7 @@ def _from_medeval(raw: dict, ctx: _Ctx) -> Record:
 
 _CONVERTERS: dict[str, Callable[[dict, _Ctx], Record]] = {
     "sharegpt": _from_sharegpt, "disc": _from_disc, "llm-finetune": _from_llm_finetune, "openai": _from_openai,
-    "alpaca": _from_alpaca, "medeval": _from_medeval,
+    "alpaca": _from_alpaca, "medeval": _from_medeval, "columns": _from_columns,
 }
 
 
