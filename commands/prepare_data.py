@@ -34,9 +34,9 @@ def prepare_data(
     loss_mask: str = typer.Option("all", "--loss-mask", help="all: every assistant turn; last: only the last."),
     workers: int = typer.Option(1, "--workers", "-j", help="Worker processes."),
     shard_size: int = typer.Option(10_000, "--shard-size", help="Input samples per output shard."),
-    image_root: list[str] = typer.Option(None, "--image-root", help="A folder images may be read from (repeat "
-                                         "for several); the first is where relative paths resolve. Default: "
-                                         "only each data file's own folder.", show_default=False),
+    image_root: list[str] = typer.Option(None, "--image-root", help="A folder images may be read from besides "
+                                         "each data file's own (repeat for several); relative paths not found "
+                                         "beside the data file are looked up here.", show_default=False),
     columns: str = typer.Option(None, "--columns", help="Read table rows: which column is the user turn, the "
                                 "answer, the image, e.g. user=question,assistant=answer,image=path (also "
                                 "system=, id=).", show_default=False),

@@ -17,7 +17,8 @@ which rule failed, for which sample, and where it came from. The rules, cheapest
 5. Image paths, by the one root rule of `paths.py`: `image-escapes-root` when a path (relative through `..`, or
    absolute) or its real path (symlinks resolved) lies outside `image_root` and every folder in `policy.roots`
    (the `--image-root` folders; datasets that link `images/` to another disk name that disk there); the message
-   names the `--image-root DIR` that would allow it. Then `image-missing`.
+   names the `--image-root DIR` that would allow it. Then `image-missing`. Relative paths not found beside
+   the data are looked up in the `policy.search` folders first (`--image-root`, in order).
 6. `image-undecodable`: every image is decoded in full through `images.probe_image` (`policy.decode=False` skips
    this for a quick pass); the sizes the model will see go to `meta.image_sizes` as [[width, height], ...].
    `image-aspect-ratio`: with `policy.resolution` set, an image over 200:1 is refused as Qwen-VL would.
@@ -44,6 +45,7 @@ __all__ = ["CheckPolicy", "check_record", "Rejection", "REJECTION_REASONS"]
 class CheckPolicy:
     max_images: int = 8  # HuatuoGPT-Vision train_vl.py drops items with more than 8 images
     roots: tuple[str, ...] = ()  # extra folders images may live in (--image-root; the disk images/ links to)
+    search: tuple[str, ...] = ()  # where relative paths not found beside the data are looked up (--image-root)
     decode: bool = True  # decode every image in full; False only checks that the files exist
     frame: str | int = "middle"  # multi-frame DICOM frame, see images.py
     resolution: ResolutionPolicy | None = None  # when set, refuse images Qwen-VL's resize refuses
@@ -71,6 +73,7 @@ def check_record(record: Record, policy: CheckPolicy = CheckPolicy()) -> Record 
     record = _placeholders(record, reject)
     if isinstance(record, Rejection):
         return record
+    record = _rebase(record, policy)
     sizes = []
     for path in record.images:
         problem = _path_problem(record, path, policy)
@@ -110,6 +113,19 @@ def _placeholders(record: Record, reject) -> Record | Rejection:
     repairs = list(record.meta.get("repairs", [])) + [
         f"inserted {n_images} {IMAGE_PLACEHOLDER} at the start of turn {first_user} (first user turn)"]
     return replace(record, messages=messages, meta={**record.meta, "repairs": repairs})
+
+
+def _rebase(record: Record, policy: CheckPolicy) -> Record:
+    """Relative images not all beside the data: the first `policy.search` folder that holds them all becomes the
+    record's image_root (JSON in one folder, `images/` unzipped in another: `--image-root` that other one)."""
+    relative = [p for p in record.images if not os.path.isabs(p)]
+    if not relative or not policy.search or record.image_root is None or all(
+            os.path.isfile(os.path.join(record.image_root, p)) for p in relative):
+        return record
+    for folder in policy.search:
+        if all(os.path.isfile(os.path.join(folder, p)) for p in relative):
+            return replace(record, image_root=folder)
+    return record
 
 
 def _full_path(record: Record, path: str) -> str:

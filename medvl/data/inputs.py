@@ -147,9 +147,12 @@ def read_inputs(files: list[InputFile], fmt: str | None, options: ReadOptions, r
         except (MedvlError, OSError) as e:
             if strict:
                 raise
-            what = e.render() if isinstance(e, MedvlError) else f"cannot read the file: {e.strerror or e}"
-            kept = f" (the {report.samples} sample(s) before the failure are kept)" if report.samples else ""
-            report.error = what.replace("\n", "; ") + kept
+            if isinstance(e, MedvlError):
+                what = e.what + (f" (at {e.where})" if e.where and e.where != f.path else "")
+            else:
+                what = f"cannot read the file: {e.strerror or e}"
+            kept = f"; the {report.samples} sample(s) before the failure are kept" if report.samples else ""
+            report.error = f"{f.path}: {what}{kept}"
 
 
 def unique_ids(items: Iterator[Record | Rejection]) -> Iterator[Record | Rejection]:

@@ -5,8 +5,8 @@
 Inputs are files or folders (inputs.py: what is read, what is skipped and why). A file that cannot be read is a
 file-level failure: the other files are finished, the manifest lists it under `files`, and `result.failed` is
 true (the CLI exits 2). Image paths follow the one root rule (paths.py): the dataset file's folder and the
-`image_roots` given; relative paths resolve against the first image root when one is given, else the file's
-folder.
+`image_roots` given; a relative path resolves against the file's folder (an InternVL meta's `root`), or, when
+not found there, against the first image root that holds it.
 
 Output directory:
   data-00000.jsonl ...     normalized records (medvl/data/schema.py), `meta.n_tokens` = exact length when
@@ -63,7 +63,7 @@ class Settings:
     max_pixels: int | None = None
     loss_mask: str = "all"
     shard_size: int = 10_000
-    image_roots: tuple[str, ...] = ()  # --image-root folders (absolute); the first is where relative paths resolve
+    image_roots: tuple[str, ...] = ()  # --image-root folders (absolute): allowed, and searched for relative paths
     frame: str = "middle"
     columns: tuple[tuple[str, str], ...] = ()
 
@@ -111,7 +111,7 @@ def _worker_init(settings: Settings) -> None:
 
 def _policy(settings: Settings) -> CheckPolicy:
     roots = settings.image_roots + tuple(sorted({str(Path(p).parent) for p in settings.inputs}))
-    return CheckPolicy(max_images=settings.max_images, frame=settings.frame, roots=roots)
+    return CheckPolicy(max_images=settings.max_images, frame=settings.frame, roots=roots, search=settings.image_roots)
 
 
 def process_item(item: Record | Rejection, settings: Settings) -> dict | Rejection:
@@ -317,7 +317,7 @@ def prepare(inputs, out_dir, *, format: str | None = None, model: str | None = N
             _run_parallel(stream, out, settings, done, workers, progress)
         if not any(r.samples for r in reports):  # every file failed: there is nothing to write a manifest for
             raise MedvlError("no samples could be read from any input:\n  " + "\n  ".join(
-                r.error or f"{r.path}: no samples" for r in reports), fix="fix the files listed")
+                r.error or f"{r.path}: no samples" for r in reports), fix="fix the files listed; nothing was written")
     except BaseException:
         progress.finish()
         _cleanup_failed(out, created)
@@ -326,8 +326,7 @@ def prepare(inputs, out_dir, *, format: str | None = None, model: str | None = N
 
 
 def _read_options(settings: Settings) -> ReadOptions:
-    return ReadOptions(image_root=settings.image_roots[0] if settings.image_roots else None,
-                       columns=settings.columns)
+    return ReadOptions(columns=settings.columns)
 
 
 def _cleanup_failed(out: Path, created: bool) -> None:
