@@ -226,3 +226,10 @@ def test_interrupted_run_with_no_finished_shard_leaves_nothing(raw, tmp_path, mo
     with pytest.raises(MedvlError, match="input not found"):
         prepare([raw / "missing.json"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_out_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "demo.txt"
+    target.write_text("mine")
+    res = _cli("demo", "--out", target, "--steps", "1")
+    assert res.exit_code == 2 and "is a file, not a folder" in res.output and target.read_text() == "mine"
