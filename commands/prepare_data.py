@@ -37,9 +37,9 @@ def prepare_data(
     image_root: list[str] = typer.Option(None, "--image-root", help="A folder images may be read from besides "
                                          "each data file's own (repeat for several); relative paths not found "
                                          "beside the data file are looked up here.", show_default=False),
-    columns: str = typer.Option(None, "--columns", help="Read table rows: which column is the user turn, the "
+    columns: str = typer.Option(None, "--columns", help="Read CSV files by column: which is the user turn, the "
                                 "answer, the image, e.g. user=question,assistant=answer,image=path (also "
-                                "system=, id=).", show_default=False),
+                                "system=, id=). With --format columns, flat JSON rows too.", show_default=False),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad sample (file, line, reason)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an output made with other settings."),
 ) -> None:

@@ -193,7 +193,7 @@ def test_a_failed_run_does_not_block_the_corrected_rerun(raw, tmp_path):
     out = tmp_path / "out"
     res = _cli("prepare-data", raw / "odd.json", "--out", out, "--strict")
     assert res.exit_code == 2 and not out.exists()  # no empty folder, no prepare-state.json
-    res = _cli("prepare-data", raw / "odd.json", "--out", out, "--columns", "user=q,assistant=a")
+    res = _cli("prepare-data", raw / "odd.json", "--out", out, "--format", "columns", "--columns", "user=q,assistant=a")
     assert res.exit_code == 0, res.output
     # a run that finished with a failed file is replaced by the corrected one, no flag needed
     good = [{"id": i, "image": f"images/{i}.png", "conversations": _pair()} for i in range(2)]

@@ -65,7 +65,7 @@ FORMATS: dict[str, str] = {
     "openai": "OpenAI-style messages with text and image content blocks",
     "alpaca": "Alpaca instruction / input / output",
     "medeval": "HuatuoGPT-Vision medical evaluation JSON (question, options, answer, image)",
-    "columns": "CSV (or flat JSON) rows whose columns are named with --columns user=COL,assistant=COL[,image=COL]",
+    "columns": "CSV rows (flat JSON with --format columns) whose columns --columns user=COL,assistant=COL names",
 }
 # --columns keys: which column holds each part of a one-exchange sample
 COLUMN_ROLES = ("user", "assistant", "image", "system", "id")
@@ -187,10 +187,8 @@ def read_file(path: str | Path, format: str | None = None, *,
     if not path.is_file():
         raise MedvlError("data file not found", where=str(path))
     fmt = canonical_format(format) if format else None
-    if options.columns:
-        if fmt not in (None, "columns"):
-            raise MedvlError(f"--columns reads rows with the columns format, not {fmt}", fix="drop --format")
-        fmt = "columns"
+    if options.columns and (fmt == "columns" or fmt is None and _container(path) == "csv"):
+        fmt = "columns"  # the mapping names CSV columns; JSON files beside them keep their detected format
     elif fmt == "columns":
         raise MedvlError("the columns format needs a column mapping", fix="add --columns user=COL,assistant=COL")
     source = options.source or path.stem
