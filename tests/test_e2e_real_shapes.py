@@ -2,9 +2,10 @@
 
 One corpus folder holds every input format medvl reads, each with relative image paths as the real datasets
 have them (PubMedVision's `images/...`, LLaVA-Med's `PMC.../...jpg`, ShareGPT4V's `coco/train2017/...`, an
-InternVL meta with its own `root`). The commands run through the console script from a working directory that
-is not the corpus's, with the corpus named by relative paths: prepare-data (several files and a folder at
-once) -> train -> eval -> export, then the same training in 2 processes (slow).
+InternVL meta with its own `root`, `../images` from a sibling folder). The commands run through the console
+script from a working directory that is not the corpus's, with the corpus named by relative paths: prepare-data
+(several files and folders at once, two outputs) -> train on both -> eval -> export, and the same training in 2
+processes. The prepare test is the fast one; the chains are slow (console-script start-ups, ~40-60 s each).
 """
 
 from __future__ import annotations
@@ -117,6 +118,23 @@ def write_corpus(root: Path, n: int = 6) -> dict[str, Path]:
             w.writerow([f"case{i}", "Findings: clear lungs.", "Impression: normal.", f"img/r{i}.png"])
     (tables / "README.md").write_text("reports table")
     files["csv"] = tables
+    # a second folder: LLM-Finetune's CSV (absolute image paths, inside the corpus), evaluation-shaped training
+    # items (question / options / answer), and Ovis (ignored_gpt turns)
+    second = root / "second"
+    second.mkdir()
+    with open(second / "coco-2024-dataset.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_path", "caption"])
+        for i in range(n):
+            w.writerow([str(root / "coco2014" / f"c{i}.jpg"), f"A person walking a dog, take {i}."])
+    medeval = [{"question": "Which modality?", "options": ["CT", "MRI", "X-ray"], "answer": ["CT", "MRI", "X-ray"][i % 3],
+                "image": [f"../images/pmc_{100 + i}_1.jpg"], "dataset": "train-mcq"} for i in range(n)]
+    (second / "mcq_train.json").write_text(json.dumps(medeval))
+    ovis = [{"id": 1000 + i, "image": f"../qwen/q{i}.png", "conversations": [
+        {"from": "human", "value": Q}, {"from": "ignored_gpt", "value": "Let me look."},
+        {"from": "human", "value": "And?"}, {"from": "gpt", "value": "A knee MRI."}]} for i in range(n)]
+    (second / "ovis_sft.json").write_text(json.dumps(ovis))
+    files["second"] = second
     # the evaluation bundle in the published shape, images relative to it
     bundle = root / "eval"
     items = []
@@ -159,6 +177,9 @@ def prepared(corpus, tiny_dir):
     out = run(work, "prepare-data", *inputs, "--out", "prepared", "--model", tiny, "--max-seq-len", "256",
               "--columns", "user=findings,assistant=impression,image=file,id=case")
     manifest = json.loads((work / "prepared" / "manifest.json").read_text())
+    # `../images` leaves the second folder: allowed by naming the corpus folder
+    run(work, "prepare-data", rel(files["second"], work), "--out", "prepared2", "--model", tiny,
+        "--image-root", rel(files["pubmedvision"].parent, work))
     return work / "prepared", manifest, out
 
 
@@ -183,6 +204,8 @@ def test_prepare_data_reads_every_format_with_relative_paths(prepared, corpus):
     assert by_source["medical_vqa"]["image_root"] == str((corpus_dir / "internvl" / "imgs").resolve())
     assert by_source["reports"]["messages"][0]["content"].startswith("<image>\n")
     assert all(r["meta"]["n_tokens"] > 0 for r in records)
+    second = json.loads((out_dir.parent / "prepared2" / "manifest.json").read_text())
+    assert second["accepted"] == 18 and second["sources"].keys() == {"coco-2024-dataset", "mcq_train", "ovis_sft"}
 
 
 def _train_args(tiny, data, out, *extra):
@@ -194,7 +217,7 @@ def _train_args(tiny, data, out, *extra):
 @pytest.mark.slow  # ~40 s of console-script start-ups; tests/test_data_dataset.py has the fast train check
 def test_train_eval_export_on_the_prepared_corpus(prepared, corpus, tiny_dir):
     base, files, work = corpus
-    data = rel(prepared[0], work)
+    data = f"{rel(prepared[0], work)},prepared2"  # two prepared folders at once
     run(work, *_train_args(tiny_dir("qwen2.5-vl"), data, "run"))
     events = [json.loads(line) for line in open(work / "run" / "metrics.jsonl")]
     steps = [e for e in events if e["kind"] == "train"]
