@@ -41,13 +41,13 @@ from pathlib import Path
 from medvl.data.checks import CheckPolicy, check_record
 from medvl.data.formats import ReadOptions
 from medvl.data.inputs import FileReport, Skipped, expand_inputs, read_inputs, unique_ids
+from medvl.data.output import cleanup_failed, open_output
 from medvl.data.schema import Record, Rejection
 from medvl.errors import MedvlError
 from medvl.progress import NullProgress
 from medvl.versions import library_versions
 
 MANIFEST_VERSION = 2  # 2: shard_files, image_roots, files
-STATE_FILE = "prepare-state.json"
 
 
 @dataclass(frozen=True)
@@ -207,72 +207,6 @@ def _file_sha(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # driver
 
-def _input_stats(settings: Settings) -> list[list[int]]:
-    """(size, mtime in ns) per input file: a resumed run must read the very same files."""
-    return [[os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in settings.inputs]
-
-
-def _is_output_file(p: Path) -> bool:
-    name = p.name.lstrip(".")
-    return name.startswith(("data-", "quarantine", "stats-", "manifest.json", STATE_FILE)) and (
-        p.suffix in (".jsonl", ".json", ".tmp"))
-
-
-def _open_output(out: Path, settings: Settings, overwrite: bool) -> set[int]:
-    """Create or reopen the output directory; the shards already complete (for resuming).
-
-    The state only counts once a shard is complete: leftovers of a run that failed before that (a wrong
-    --format, an unreadable file with --strict), and the output of a run that finished but failed (a file-level
-    failure, nothing kept), are cleared without asking, so the corrected command just runs.
-    """
-    if out.exists() and not out.is_dir():
-        raise MedvlError(f"--out {out} is a file, not a folder", where=str(out),
-                         fix="give a new or empty folder for the prepared data")
-    state = out / STATE_FILE
-    if out.is_dir() and any(out.iterdir()):
-        foreign = [p.name for p in out.iterdir() if not _is_output_file(p)]
-        if foreign:
-            raise MedvlError(f"--out {out} is not empty and does not hold prepared data (it has "
-                             f"{', '.join(sorted(foreign)[:5])}{', ...' if len(foreign) > 5 else ''})",
-                             where=str(out), fix="give a new or empty folder for the prepared data")
-        complete = list(out.glob("stats-*.json"))
-        finished = (out / "manifest.json").is_file()
-        try:
-            old = json.loads(state.read_text()) if state.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            old = {}
-        same = old.get("fingerprint") == settings.fingerprint() and old.get("input_stats") == _input_stats(settings)
-        if not complete and not finished or finished and _failed_output(out):
-            _clear(out)  # nothing of value: a run that never completed a shard, or one that failed (exit 2)
-        elif overwrite and (finished or not same):
-            _clear(out)
-        elif not same:
-            kind = "prepared data" if finished else f"an unfinished prepare-data run ({len(complete)} shard(s) done)"
-            changed = " or the input files changed since" if old.get("fingerprint") == settings.fingerprint() else ""
-            raise MedvlError(f"{out} already holds {kind} made with other inputs or settings{changed}",
-                             where=str(out), fix="pass --overwrite to start over in this folder, or choose a new "
-                                                 "--out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"fingerprint": settings.fingerprint(), "settings": asdict(settings),
-                                 "input_stats": _input_stats(settings)}, indent=2))
-    return {int(p.stem.split("-")[1]) for p in out.glob("stats-*.json")}
-
-
-def _failed_output(out: Path) -> bool:
-    """A finished output whose run failed (a file could not be read, or nothing was kept): the re-run replaces it."""
-    try:
-        m = json.loads((out / "manifest.json").read_text())
-        return m.get("accepted") == 0 or any(f.get("error") for f in m.get("files", []))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError):
-        return False
-
-
-def _clear(out: Path) -> None:
-    """Remove prepare-data's own files from `out` (never anything else: --out may be a mistyped folder)."""
-    for p in out.iterdir():
-        if _is_output_file(p) and p.is_file():
-            p.unlink()
-
 
 def prepare(inputs, out_dir, *, format: str | None = None, model: str | None = None, max_seq_len: int | None = None,
             max_images: int = 8, min_pixels: int | None = None, max_pixels: int | None = None,
@@ -284,9 +218,6 @@ def prepare(inputs, out_dir, *, format: str | None = None, model: str | None = N
 
     progress = progress or NullProgress()
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MedvlError(f"--out {out} is a file, not a folder", where=str(out),
-                         fix="give a new or empty folder for the prepared data")
     if max_seq_len and not model:
         raise MedvlError("--max-seq-len needs --model: lengths are measured with the model's own processor",
                          fix="add --model PATH_OR_ID (the model you will train)")
@@ -301,7 +232,7 @@ def prepare(inputs, out_dir, *, format: str | None = None, model: str | None = N
                         min_pixels, max_pixels, loss_mask, shard_size,
                         tuple(str(Path(r).resolve()) for r in roots), columns=parse_columns(columns) if columns else ())
     created = not out.exists()
-    done = _open_output(out, settings, overwrite)
+    done = open_output(out, settings, overwrite)
     reports: list[FileReport] = []
     try:
         stream = unique_ids(read_inputs(files, settings.format, _read_options(settings), reports, strict=strict))
@@ -320,22 +251,13 @@ def prepare(inputs, out_dir, *, format: str | None = None, model: str | None = N
                 r.error or f"{r.path}: no samples" for r in reports), fix="fix the files listed; nothing was written")
     except BaseException:
         progress.finish()
-        _cleanup_failed(out, created)
+        cleanup_failed(out, created)
         raise
     return _finish(out, settings, len(done), progress, reports, skipped)
 
 
 def _read_options(settings: Settings) -> ReadOptions:
     return ReadOptions(columns=settings.columns)
-
-
-def _cleanup_failed(out: Path, created: bool) -> None:
-    """A failed run with no complete shard leaves nothing: no state file, no temp files, no empty folder."""
-    if not out.is_dir() or any(out.glob("stats-*.json")) or (out / "manifest.json").is_file():
-        return  # complete shards are kept for the resumed run
-    _clear(out)
-    if created and not any(out.iterdir()):
-        out.rmdir()
 
 
 def _chunks(stream, settings: Settings, done: set[int], progress):
