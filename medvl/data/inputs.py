@@ -83,14 +83,17 @@ def expand_inputs(paths) -> tuple[list[InputFile], list[Skipped]]:
         where = ", ".join(str(p) for p in paths)
         raise MedvlError("no data files to read" + (f" ({len(skipped)} skipped: {skipped[0].reason}, ...)"
                                                     if skipped else ""), where=where,
-                         fix=f"give .json, .jsonl or .csv files, or folders holding them")
+                         fix="give .json, .jsonl or .csv files, or folders holding them")
     stems = [f.stem for f in kept]
     return [InputFile(str(f), f"{f.parent.name}/{f.stem}" if stems.count(f.stem) > 1 else f.stem)
             for f in kept], skipped
 
 
 def _scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
-    entries = sorted(folder.iterdir())
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        raise MedvlError(f"cannot list the input folder: {e.strerror or e}", where=str(folder)) from None
     prepared = any(e.name in ("manifest.json", "prepare-state.json") for e in entries)
     files, skipped = [], []
     for e in entries:
