@@ -233,3 +233,12 @@ def test_demo_out_that_is_a_file_is_refused(tmp_path):
     target.write_text("mine")
     res = _cli("demo", "--out", target, "--steps", "1")
     assert res.exit_code == 2 and "is a file, not a folder" in res.output and target.read_text() == "mine"
+
+
+def test_same_file_name_in_two_folders_is_not_a_duplicate(tmp_path):
+    for name in ("a", "b"):
+        _img(tmp_path / name / "images" / "0.png")
+        (tmp_path / name / "train.json").write_text(json.dumps([{"image": "images/0.png",
+                                                                  "conversations": _pair()}]))
+    res = prepare([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    assert res.manifest["accepted"] == 2 and set(res.manifest["sources"]) == {"a/train", "b/train"}
