@@ -146,3 +146,14 @@ def _reseal(out):
 
     roots = json.loads((out / "manifest.json").read_text())["image_roots"]
     write_manifest(out, image_roots=roots)
+
+
+def test_launched_train_refuses_broken_prepared_data_before_launching(tiny_dir, prepared, tmp_path):
+    (prepared / "manifest.json").unlink()
+    proc = subprocess.run([str(Path(sys.executable).parent / "medvl"), "train", "tiny_cpu",
+                           f"model.base={tiny_dir('causal-lm')}", f"data.train=[{prepared}]",
+                           f"output.dir={tmp_path / 'run'}", "distributed.nproc=2", "train.max_steps=1"],
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out and "no manifest.json" in out, out
+    assert not (tmp_path / "run").exists()

@@ -98,6 +98,13 @@ def verify_prepared(d: str | Path) -> dict:
     return manifest
 
 
+def verify_recipe_data(recipe) -> None:
+    """Every prepared folder a recipe trains or validates on is complete (`verify_prepared`): called before the
+    model loads, and before launching several processes, so a broken prepare is one clear error, once."""
+    for d in [s.path for s in recipe.data.train] + ([recipe.data.val] if recipe.data.val else []):
+        verify_prepared(d)
+
+
 def index_prepared(dirs: list[str | Path]) -> SampleIndex:
     shards, roots, image_roots = [], [], []
     shard_of, offset, n_tokens = array("H"), array("Q"), array("i")
