@@ -361,11 +361,13 @@ def _finish(out: Path, settings: Settings, skipped: int, progress, reports: list
         "shard_files": shard_files,
         # the folders training may open images in (paths.py root rule, re-checked when the data is loaded)
         "image_roots": sorted(image_roots),
-        "files": files, "skipped_files": [asdict(x) for x in skipped_files],
+        # a folder of 100k images beside the JSON must not make a 10 MB manifest: the first 200, and the count
+        "files": files, "skipped_files": [asdict(x) for x in skipped_files[:200]],
+        "skipped_files_total": len(skipped_files),
     }
     tmp = out / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     os.replace(tmp, out / "manifest.json")
     with open(out / "quarantine.jsonl", encoding="utf-8") as f:
         first = [json.loads(line) for line in islice(f, 20)]
-    return PrepareResult(out, manifest, skipped, first, files, manifest["skipped_files"])
+    return PrepareResult(out, manifest, skipped, first, files, [asdict(x) for x in skipped_files])
