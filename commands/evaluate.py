@@ -68,6 +68,8 @@ def evaluate(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on a GPU, fp32 on CPU), fp32, bf16 or fp16."),
     allow_text_only: bool = typer.Option(False, "--allow-text-only", help="Let a text-only model answer image "
                                          "questions blind (a baseline; the images are ignored)."),
+    image_root: list[Path] = typer.Option(None, "--image-root", help="A folder outside the bundle's own that its "
+                                          "image paths may point into (repeat for several).", show_default=False),
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate on medical VQA benchmarks: batched, resumable, scored the published way, as a reader would, and
@@ -79,7 +81,7 @@ def evaluate(
     logging.disable_progress_bar()  # the eval has its own progress bar; "Loading weights" bars would break it
     result = run(model, data, suite, out, adapter=adapter, decoding=decoding, batch_size=batch_size, sample=sample,
                  seed=seed, max_new_tokens=max_new_tokens, dtype=dtype, allow_text_only=allow_text_only,
-                 progress=RichProgress())
+                 image_roots=image_root or (), progress=RichProgress())
     if not result.is_main:
         return
     if as_json:

@@ -11,15 +11,17 @@ from medvl.commands.ui import RichProgress
 EXAMPLES = """[bold]Examples[/]
   medvl prepare-data PubMedVision_Alignment_VQA.json --out data/align --model Qwen/Qwen2.5-VL-7B-Instruct
   medvl prepare-data a.json b.jsonl --out data/mix --model ./Qwen2.5-VL-7B-Base --max-seq-len 4096 --workers 8
-  medvl prepare-data disc.jsonl --out data/disc --format disc --strict"""
+  medvl prepare-data disc.jsonl --out data/disc --format disc --strict
+  medvl prepare-data raw/ --out data/all --image-root /mnt/pmc-images      [dim]# every file in raw/[/]
+  medvl prepare-data qa.csv --out data/qa --columns user=question,assistant=answer,image=path"""
 
 INSPECT_EXAMPLES = """[bold]Examples[/]
   medvl inspect-data data/align --index 0 --model Qwen/Qwen2.5-VL-7B-Instruct"""
 
 
 def prepare_data(
-    inputs: list[Path] = typer.Argument(..., help="Raw data files (JSON, JSONL, CSV, InternVL meta JSON).",
-                                        show_default=False),
+    inputs: list[Path] = typer.Argument(..., help="Raw data files (JSON, JSONL, CSV, InternVL meta JSON), or "
+                                        "folders: every such file directly inside is read.", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for shards, manifest and quarantine."),
     model: str = typer.Option(None, "--model", help="Model whose processor measures exact token lengths."),
     format: str = typer.Option(None, "--format", help="Force a reader (sharegpt, internvl-meta, disc, "
@@ -32,7 +34,12 @@ def prepare_data(
     loss_mask: str = typer.Option("all", "--loss-mask", help="all: every assistant turn; last: only the last."),
     workers: int = typer.Option(1, "--workers", "-j", help="Worker processes."),
     shard_size: int = typer.Option(10_000, "--shard-size", help="Input samples per output shard."),
-    image_root: str = typer.Option(None, "--image-root", help="Folder relative image paths resolve against."),
+    image_root: list[str] = typer.Option(None, "--image-root", help="A folder images may be read from besides "
+                                         "each data file's own (repeat for several); relative paths not found "
+                                         "beside the data file are looked up here.", show_default=False),
+    columns: str = typer.Option(None, "--columns", help="Read CSV files by column: which is the user turn, the "
+                                "answer, the image, e.g. user=question,assistant=answer,image=path (also "
+                                "system=, id=). With --format columns, flat JSON rows too.", show_default=False),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad sample (file, line, reason)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an output made with other settings."),
 ) -> None:
@@ -46,11 +53,13 @@ def prepare_data(
         min_pixels, max_pixels = RESOLUTION_PRESETS[resolution]
     result = prepare(inputs, out, format=format, model=model, max_seq_len=max_seq_len, max_images=max_images,
                      min_pixels=min_pixels, max_pixels=max_pixels, loss_mask=loss_mask, shard_size=shard_size,
-                     workers=workers, strict=strict, image_root=image_root, overwrite=overwrite,
+                     workers=workers, strict=strict, image_root=image_root, columns=columns, overwrite=overwrite,
                      progress=RichProgress())
     from medvl.commands.ui import render_prepare
 
     render_prepare(result)
+    if result.failed:  # after the summary: a file that failed, or nothing kept, is not a success
+        raise typer.Exit(2)
 
 
 def inspect_data(

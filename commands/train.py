@@ -36,6 +36,9 @@ def train(
     from medvl.engine.launch import needs_launch, run_launched
 
     if needs_launch(r):
+        from medvl.data.dataset import verify_recipe_data
+
+        verify_recipe_data(r)  # once, here: a child's error would reach the user inside the launcher's report
         console.print(f"[dim]launching {r.world_size} processes ({r.distributed.strategy})[/]")
         code = run_launched(r, resume, worker=worker)
         if code:

@@ -216,6 +216,7 @@ def render_prepare(result) -> None:
     for name, c in m["sources"].items():
         src.add_row(name, f"{c['accepted']:,}", f"{c['rejected']:,}")
     console.print(src)
+    _render_files(result)
     tl = m["token_lengths"]
     if tl["max"] is not None:
         hist = "  ".join(f"{k}: {v}" for k, v in tl["histogram"].items())
@@ -224,6 +225,23 @@ def render_prepare(result) -> None:
         if vt["max"] is not None:
             console.print(f"visual tokens per image: max {vt['max']}   "
                           f"[dim]{'  '.join(f'{k}: {v}' for k, v in vt['histogram'].items())}[/]")
+
+
+def _render_files(result) -> None:
+    """Folder entries not read (grouped by reason), then every file-level failure, then the verdict."""
+    from collections import Counter
+
+    reasons = Counter(s["reason"] for s in result.skipped_files)
+    for reason, n in reasons.items():
+        first = next(s["path"] for s in result.skipped_files if s["reason"] == reason)
+        console.print(f"[dim]skipped {n} file(s) ({first}{', ...' if n > 1 else ''}): {reason}[/]")
+    for f in result.failed_files:
+        console.print(f"[red]file failed:[/] {f['error']}")
+    if result.failed_files:
+        console.print(f"[red]{len(result.failed_files)} of {len(result.files)} input file(s) failed[/]; the others "
+                      f"were prepared. Fix them and run the command again: this output is then replaced.")
+    elif result.manifest["accepted"] == 0:
+        console.print("[red]nothing was kept[/]: every sample was quarantined (reasons above).")
 
 
 def render_inspection(ins) -> None:

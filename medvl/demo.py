@@ -136,6 +136,12 @@ def write_raw_data(raw: Path, *, train_samples: int, test_samples: int, seed: in
     return train_path, test_path
 
 
+def _image_folders(train_path: Path) -> list[str]:
+    """The package folders the training images live in (easy-vqa, pydicom): the root rule allows only these."""
+    images = {Path(p).parent for r in json.loads(train_path.read_text()) for p in r["image"]}
+    return sorted(str(f) for f in images if not any(g in f.parents for g in images))  # the top-most ones
+
+
 def majority_baseline(train_path: Path, test_path: Path) -> tuple[str, dict[str, float]]:
     """Accuracy of always giving the most common training answer."""
     train = json.loads(train_path.read_text())
@@ -159,6 +165,11 @@ def run_demo(out: str | Path = "demo-out", *, train_samples: int = 2400, test_sa
     from medvl.tiny import build_tiny
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        from medvl.errors import MedvlError
+
+        raise MedvlError(f"--out {out} is a file, not a folder", where=str(out),
+                         fix="give a folder for everything the demo makes (it is created when missing)")
     raw = out / "raw"
     shutil.rmtree(raw, ignore_errors=True)
     train_path, test_path = write_raw_data(raw, train_samples=train_samples, test_samples=test_samples)
@@ -168,7 +179,8 @@ def run_demo(out: str | Path = "demo-out", *, train_samples: int = 2400, test_sa
                                       f"output.dir={out / 'run'}", f"train.max_steps={steps}"])
     lo, hi = recipe.data.pixel_range
     prepared = prepare([train_path], out / "data", model=str(tiny), max_seq_len=recipe.data.max_seq_len,
-                       min_pixels=lo, max_pixels=hi, overwrite=True, progress=progress)
+                       min_pixels=lo, max_pixels=hi, overwrite=True, progress=progress,
+                       image_root=_image_folders(train_path))
     t0 = time.perf_counter()
     run = train(recipe, sinks=sinks)
     seconds = time.perf_counter() - t0

@@ -71,7 +71,26 @@ def write_prepared(out, n: int = 64, *, text_only_every: int = 0, split: str = "
                        "messages": [{"role": "user", "content": "<image>" + questions[i]},
                                     {"role": "assistant", "content": answers[i], "train": True}]}
             f.write(json.dumps(rec) + "\n")
+    write_manifest(out, image_roots=[str(Path(p).parent) for p in list(paths.values())[:1]])
     return out
+
+
+def write_manifest(out, *, image_roots=()):
+    """The manifest.json train verifies a prepared directory against (per-shard record count and SHA-256, the
+    folders images may come from), for prepared data written by hand in tests."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    shards = []
+    for path in sorted(out.glob("data-*.jsonl")):
+        data = path.read_bytes()
+        shards.append({"file": path.name, "records": sum(1 for line in data.splitlines() if line.strip()),
+                       "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = {"version": 2, "shards": len(shards), "accepted": sum(s["records"] for s in shards),
+                "shard_files": shards, "image_roots": sorted(image_roots)}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 @pytest.fixture(scope="session")

@@ -103,14 +103,15 @@ def test_paths_escaping_the_root(root, tmp_path):
     outside = tmp_path / "secret.png"
     Image.new("RGB", (8, 8)).save(outside)
     dotdot = _rec(root, ["images/../../secret.png"], ("user", "<image>"), ("assistant", "x"))
-    _rejected(_check(dotdot), "image-escapes-root", "leaves the dataset root")
+    _rejected(_check(dotdot), "image-escapes-root", "leaves the allowed folders")
     os.symlink(outside, root / "images/link.png")
     link = _rec(root, ["images/link.png"], ("user", "<image>"), ("assistant", "x"))
     _rejected(_check(link), "image-escapes-root", f"resolves to {outside}")
     assert isinstance(_check(link, roots=(str(tmp_path),)), Record)  # images linked to a named folder are fine
     absolute = _rec(root, [str(outside)], ("user", "<image>"), ("assistant", "x"))
-    assert isinstance(_check(absolute), Record)  # an absolute path is taken as written ...
-    _rejected(_check(absolute, roots=(str(root),)), "image-escapes-root", "outside")  # ... unless roots are set
+    # an absolute path outside the dataset's folder is refused, with the fix in the message ...
+    _rejected(_check(absolute), "image-escapes-root", f"add --image-root {tmp_path}")
+    assert isinstance(_check(absolute, roots=(str(tmp_path),)), Record)  # ... unless its folder is named
     inside = _rec(root, ["images/./a.png"], ("user", "<image>"), ("assistant", "x"))
     assert isinstance(_check(inside), Record)
 

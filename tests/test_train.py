@@ -203,8 +203,14 @@ def test_benchmark_accuracy_is_logged_during_training(tiny_dir, prepared_vqa, tm
 
     q, a, ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
-    bundle = [{"question": q[i], "options": ["yes", "no"], "answer": a[i], "image": [paths[ids[i]]],
-               "dataset": "VQA-RAD_test", "subset": ""} for i in range(40) if a[i] in ("yes", "no")][:12]
+    import shutil
+
+    (tmp_path / "images").mkdir()
+    bundle = []
+    for i in [i for i in range(40) if a[i] in ("yes", "no")][:12]:  # the published shape: images/ beside the JSON
+        shutil.copy(paths[ids[i]], tmp_path / "images" / f"{ids[i]}.png")
+        bundle.append({"question": q[i], "options": ["yes", "no"], "answer": a[i], "image": [f"images/{ids[i]}.png"],
+                       "dataset": "VQA-RAD_test", "subset": ""})
     (tmp_path / "bundle.json").write_text(json.dumps(bundle))
     train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", "train.max_steps=4",
                  f"eval.data={tmp_path / 'bundle.json'}", "eval.suites=[vqa-rad]", "eval.every=2",

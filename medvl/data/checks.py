@@ -14,10 +14,11 @@ which rule failed, for which sample, and where it came from. The rules, cheapest
    `meta.repairs` records it. More placeholders than images -> `extra-placeholders`. Some but fewer than images ->
    `missing-placeholders`: we cannot know which image goes where, and guessing would bind text to the wrong
    image. Images but no user turn -> `no-user-turn`.
-5. Image paths: `image-missing`; `image-escapes-root`: a relative path whose `..` leaves `image_root`, or whose
-   real path (symlinks resolved) lies outside `image_root` and every folder in `policy.roots` (datasets that
-   link `images/` to another disk name that disk in `roots`). Absolute paths are taken as the user wrote them,
-   unless `policy.roots` is given, in which case their real path must lie inside one of the roots too.
+5. Image paths, by the one root rule of `paths.py`: `image-escapes-root` when a path (relative through `..`, or
+   absolute) or its real path (symlinks resolved) lies outside `image_root` and every folder in `policy.roots`
+   (the `--image-root` folders; datasets that link `images/` to another disk name that disk there); the message
+   names the `--image-root DIR` that would allow it. Then `image-missing`. Relative paths not found beside
+   the data are looked up in the `policy.search` folders first (`--image-root`, in order).
 6. `image-undecodable`: every image is decoded in full through `images.probe_image` (`policy.decode=False` skips
    this for a quick pass); the sizes the model will see go to `meta.image_sizes` as [[width, height], ...].
    `image-aspect-ratio`: with `policy.resolution` set, an image over 200:1 is refused as Qwen-VL would.
@@ -33,6 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from medvl.data.images import MAX_ASPECT_RATIO, ResolutionPolicy, probe_image
+from medvl.data.paths import path_problem
 from medvl.data.schema import IMAGE_PLACEHOLDER, REJECTION_REASONS, Message, Record, Rejection
 from medvl.errors import MedvlError
 
@@ -42,7 +44,8 @@ __all__ = ["CheckPolicy", "check_record", "Rejection", "REJECTION_REASONS"]
 @dataclass(frozen=True)
 class CheckPolicy:
     max_images: int = 8  # HuatuoGPT-Vision train_vl.py drops items with more than 8 images
-    roots: tuple[str, ...] = ()  # extra folders images may live in (e.g. the disk an images/ symlink points to)
+    roots: tuple[str, ...] = ()  # extra folders images may live in (--image-root; the disk images/ links to)
+    search: tuple[str, ...] = ()  # where relative paths not found beside the data are looked up (--image-root)
     decode: bool = True  # decode every image in full; False only checks that the files exist
     frame: str | int = "middle"  # multi-frame DICOM frame, see images.py
     resolution: ResolutionPolicy | None = None  # when set, refuse images Qwen-VL's resize refuses
@@ -70,6 +73,7 @@ def check_record(record: Record, policy: CheckPolicy = CheckPolicy()) -> Record 
     record = _placeholders(record, reject)
     if isinstance(record, Rejection):
         return record
+    record = _rebase(record, policy)
     sizes = []
     for path in record.images:
         problem = _path_problem(record, path, policy)
@@ -111,32 +115,32 @@ def _placeholders(record: Record, reject) -> Record | Rejection:
     return replace(record, messages=messages, meta={**record.meta, "repairs": repairs})
 
 
+def _rebase(record: Record, policy: CheckPolicy) -> Record:
+    """Relative images not all beside the data: the first `policy.search` folder that holds them all becomes the
+    record's image_root (JSON in one folder, `images/` unzipped in another: `--image-root` that other one)."""
+    relative = [p for p in record.images if not os.path.isabs(p)]
+    if not relative or not policy.search or record.image_root is None or all(
+            os.path.isfile(os.path.join(record.image_root, p)) for p in relative):
+        return record
+    for folder in policy.search:
+        if all(os.path.isfile(os.path.join(folder, p)) for p in relative):
+            return replace(record, image_root=folder)
+    return record
+
+
 def _full_path(record: Record, path: str) -> str:
     if os.path.isabs(path) or record.image_root is None:
         return path
     return os.path.join(record.image_root, path)
 
 
-def _within(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
-
-
 def _path_problem(record: Record, path: str, policy: CheckPolicy) -> tuple[str, str] | None:
+    problem = path_problem(path, base=record.image_root, roots=policy.roots)  # the one root rule (paths.py)
+    if problem:
+        return "image-escapes-root", problem
     full = _full_path(record, path)
-    relative = not os.path.isabs(path) and record.image_root is not None
-    if relative:
-        root = os.path.abspath(record.image_root)
-        if not _within(os.path.normpath(os.path.join(root, path)), root):
-            return "image-escapes-root", f"{path} leaves the dataset root {root} through '..'"
     if not os.path.isfile(full):
         return "image-missing", f"{path} does not exist (looked for {full})"
-    if relative or policy.roots:
-        real = os.path.realpath(full)
-        allowed = [os.path.realpath(r) for r in ([record.image_root] if relative else []) + list(policy.roots)]
-        if not any(_within(real, a) for a in allowed):
-            return ("image-escapes-root",
-                    f"{path} resolves to {real}, outside {', '.join(allowed)}; if the dataset links its images "
-                    "to another folder on purpose, add that folder to the image roots")
     return None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,12 +140,28 @@ def iter_raw(path: str | Path, *, chunk_chars: int = 1 << 16) -> Iterator[tuple[
         for i, (lineno, obj) in enumerate(iter_jsonl(path)):
             yield f"{path}:{lineno}", i, obj
     elif kind == "csv":
+        yield from _iter_csv(path)
+    else:
+        yield str(path), 0, _load_object(path)
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[str, int, dict]]:
+    # Python's default field limit is 131,072 characters; a long report or an inline caption passes it. The
+    # limit exists against runaway quoting, which shows up here as one row swallowing the rest of the file.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = None
+    try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             for i, row in enumerate(reader):
                 yield f"{path}:{reader.line_num}", i, row
-    else:
-        yield str(path), 0, _load_object(path)
+    except csv.Error as e:
+        line = f":{reader.line_num}" if reader is not None else ""
+        raise MedvlError(f"not a readable CSV: {e}", where=f"{path}{line}",
+                         fix="check the quoting near that line (an unclosed quote swallows the rows after it)"
+                         ) from None
+    except UnicodeDecodeError as e:
+        raise MedvlError(f"file is not UTF-8 ({e.reason})", where=str(path), fix="re-save it as UTF-8") from None
 
 
 def _load_object(path: Path) -> Any:

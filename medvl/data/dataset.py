@@ -4,6 +4,12 @@ that every rank can compute alone and resume from any step.
 The index keeps (shard, byte offset, token length) per sample, about 20 bytes each, so a million samples cost
 ~20 MB, not the records themselves. A sample is read, its images decoded and encoded only when a worker needs it.
 
+Before anything is indexed, each prepared directory is verified against its manifest (`verify_prepared`): an
+interrupted prepare-data (no manifest), a missing or extra shard, a shard whose record count or SHA-256 differs
+from the manifest (truncated, edited) or a corrupt manifest is a clear error before step 1, not a crash at the
+final save. The SHA-256 is computed on the bytes the index reads anyway. Image paths are re-checked against the
+manifest's `image_roots` (paths.py): lexically for every sample at load, in full when an image is opened.
+
 The batch plan is a pure function of (lengths, seed, epoch, micro-batch size or packing budget, world size):
 each rank takes its own slice, and resuming means starting the plan at the saved position, so a resumed run
 sees exactly the samples an uninterrupted run would have seen.
@@ -11,15 +17,19 @@ sees exactly the samples an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+from medvl.data.paths import allowed_path, path_problem, resolve_data_path
 from medvl.errors import MedvlError
 
 SHARD_GLOB = "data-*.jsonl"
+MANIFEST_VERSION = 2  # the version prepare.py writes; 1 had no per-shard hashes to verify against
 
 
 @dataclass
@@ -28,7 +38,8 @@ class SampleIndex:
     shard_of: array  # uint16 per sample
     offset: array  # uint64 byte offset per sample
     n_tokens: array  # int32 per sample, -1 when unknown
-    roots: list[Path]  # per shard: the prepared directory (image paths are relative to it)
+    roots: list[Path]  # per shard: the prepared directory (image paths without an image_root resolve in it)
+    image_roots: list[tuple[str, ...]] = ()  # per shard: the folders its images may be opened in (manifest)
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -38,29 +49,127 @@ class SampleIndex:
             f.seek(self.offset[i])
             return json.loads(f.readline())
 
+    def image_paths(self, i: int, rec: dict) -> list[str]:
+        """The absolute paths of sample i's images, each checked by the root rule (symlinks resolved)."""
+        k = self.shard_of[i]
+        base = rec.get("image_root") or self.roots[k]
+        return [allowed_path(resolve_data_path(p, base), base=None, roots=self.image_roots[k],
+                             where=f"{self.shards[k]}: sample {rec.get('id')}") for p in rec.get("images", [])]
+
+
+def _fail(what: str, where: str | Path, fix: str | None = None) -> MedvlError:
+    return MedvlError(what, where=str(where), fix=fix or "run the prepare-data command that made it again with "
+                                                         "--overwrite to re-create it")
+
+
+def verify_prepared(d: str | Path) -> dict:
+    """The manifest of a complete prepared directory, or a MedvlError saying what is missing or wrong."""
+    d = Path(d)
+    if not d.is_dir():
+        raise MedvlError(f"prepared data {d} not found" if not d.exists() else f"{d} is a file, not a prepared-data "
+                         "folder", where=str(d), fix=f"run `medvl prepare-data RAW_DATA --out {d}` first, or fix "
+                                                     "data.train in the recipe")
+    manifest_path = d / "manifest.json"
+    if not manifest_path.is_file():
+        if any(d.glob(SHARD_GLOB)) or (d / "prepare-state.json").exists():
+            raise _fail("prepared data is incomplete: no manifest.json (prepare-data was interrupted or failed)",
+                        d, "run the same prepare-data command again: it finishes the missing shards (a failed "
+                           "run's leftovers are replaced)")
+        raise _fail(f"no prepared data in {d} (no manifest.json, no {SHARD_GLOB} files)", d,
+                    f"run `medvl prepare-data RAW_DATA --out {d}` first, or fix data.train in the recipe")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(f"manifest.json is corrupt ({e})", manifest_path) from None
+    listed = manifest.get("shard_files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, list) or not all(isinstance(s, dict) and {"file", "records", "sha256"} <= s.keys()
+                                                 for s in listed):
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        raise _fail(f"manifest.json has no valid shard list (manifest version {version!r}, expected "
+                    f"{MANIFEST_VERSION}): it is corrupt, or was written by an older medvl", manifest_path)
+    names = {s["file"] for s in listed}
+    missing = [s["file"] for s in listed if not (d / s["file"]).is_file()]
+    if missing:
+        raise _fail(f"prepared data is incomplete: {len(missing)} shard(s) listed in manifest.json are missing "
+                    f"({', '.join(missing[:3])})", d)
+    extra = sorted(p.name for p in d.glob(SHARD_GLOB) if p.name not in names)
+    if extra:
+        raise _fail(f"{', '.join(extra[:3])} is not in manifest.json (left over from another run?)", d)
+    return manifest
+
+
+def verify_recipe_data(recipe) -> None:
+    """Every prepared folder a recipe trains or validates on is complete (`verify_prepared`): called before the
+    model loads, and before launching several processes, so a broken prepare is one clear error, once."""
+    for d in [s.path for s in recipe.data.train] + ([recipe.data.val] if recipe.data.val else []):
+        verify_prepared(d)
+
 
 def index_prepared(dirs: list[str | Path]) -> SampleIndex:
-    shards, roots = [], []
+    shards, roots, image_roots = [], [], []
     shard_of, offset, n_tokens = array("H"), array("Q"), array("i")
     for d in map(Path, dirs):
-        files = sorted(d.glob(SHARD_GLOB))
-        if not files:
-            raise MedvlError(f"no prepared data in {d} (no {SHARD_GLOB} files)", where=str(d),
-                             fix=f"run `medvl prepare-data RAW_DATA --out {d}` first, or fix data.train in the recipe")
-        for path in files:
+        manifest = verify_prepared(d)
+        allowed = tuple(str(r) for r in manifest.get("image_roots") or ())
+        ok_bases: set[str] = set()
+        for entry in manifest["shard_files"]:
+            path = d / entry["file"]
             k = len(shards)
             shards.append(path)
             roots.append(d)
-            pos = 0
+            image_roots.append(allowed)
+            count, pos, digest = 0, 0, hashlib.sha256()
             with open(path, "rb") as f:
-                for line in f:
+                for lineno, line in enumerate(f, 1):
+                    digest.update(line)
                     if line.strip():
+                        rec = _parse_line(line, path, lineno)
+                        _check_paths(rec, d, allowed, f"{path}:{lineno}", ok_bases)
                         shard_of.append(k)
                         offset.append(pos)
-                        meta = json.loads(line).get("meta") or {}
-                        n_tokens.append(int(meta.get("n_tokens", -1)))
+                        n_tokens.append(int((rec.get("meta") or {}).get("n_tokens", -1)))
+                        count += 1
                     pos += len(line)
-    return SampleIndex(shards, shard_of, offset, n_tokens, roots)
+            if count != entry["records"] or digest.hexdigest() != entry["sha256"]:
+                got = f"{count} records" if count != entry["records"] else "different content"
+                raise _fail(f"{entry['file']} does not match manifest.json ({got}; the manifest says "
+                            f"{entry['records']} records, SHA-256 {entry['sha256'][:12]}...): the shard was truncated "
+                            "or changed after prepare-data", path)
+    return SampleIndex(shards, shard_of, offset, n_tokens, roots, image_roots)
+
+
+def _parse_line(line: bytes, path: Path, lineno: int) -> dict:
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(f"a prepared record is not valid JSON ({e}): the shard is truncated or corrupt",
+                    f"{path}:{lineno}") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+        raise _fail("a prepared record is not a medvl record (no messages)", f"{path}:{lineno}")
+    return rec
+
+
+def _check_paths(rec: dict, d: Path, allowed: tuple[str, ...], where: str, ok_bases: set) -> None:
+    """The cheap (lexical) root-rule pass over every sample at load; the full one runs when an image is opened.
+
+    Fast path: a relative path without `..` under an image_root already found inside the allowed folders needs
+    no further work (one set lookup; the whole pass costs ~1 s per million samples)."""
+    images = rec.get("images") or []
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise _fail("`images` must be a list of paths", where)
+    base = rec.get("image_root") or str(d)
+    for p in images:
+        if base in ok_bases and not os.path.isabs(p) and ".." not in p:
+            continue
+        problem = path_problem(resolve_data_path(p, base), base=None, roots=allowed, lexical=True)
+        if problem:
+            raise MedvlError(f"image path outside the prepared data's image folders: {problem.split('; ')[0]}",
+                             where=where, fix="prepared data may only name images under the folders its "
+                                              "manifest.json lists (image_roots): re-run prepare-data with "
+                                              "--image-root for that folder")
+        if not os.path.isabs(p) and ".." not in p and path_problem(base, base=None, roots=allowed,
+                                                                   lexical=True) is None:
+            ok_bases.add(base)
 
 
 class EncodedDataset:
@@ -86,8 +195,8 @@ class EncodedDataset:
 
             return Rejected(str(rec.get("id", i)), "images_for_text_model",
                             f"{len(rec['images'])} image(s) but {self.family.name} is a text-only model")
-        root = rec.get("image_root") or self.index.roots[self.index.shard_of[i]]
-        images = [self.load_image(p if Path(p).is_absolute() else root / p) for p in rec.get("images", [])]
+        # image_root is a str in the JSON line; relative paths (every real dataset's `images/...`) join onto it
+        images = [self.load_image(p) for p in self.index.image_paths(i, rec)]
         return encode_record(rec, images, self.processor, self.family, loss_mask=self.loss_mask,
                              max_seq_len=self.max_seq_len)
 

@@ -35,8 +35,7 @@ def inspect_sample(data_dir: str | Path, index: int, model: str, *, loss_mask: s
     rec = idx.read(index)
     family = detect_family(model)
     processor = load_processor(model, family)
-    root = Path(rec.get("image_root") or data_dir)
-    images = [load_image(p if Path(p).is_absolute() else root / p) for p in rec.get("images", [])]
+    images = [load_image(p) for p in idx.image_paths(index, rec)]
     enc = encode_record(rec, images, processor, family, loss_mask=loss_mask)
     meta = rec.get("meta", {})
     if isinstance(enc, Rejected):

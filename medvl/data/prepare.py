@@ -2,6 +2,12 @@
 
     result = prepare(["pubmedvision.json", "disc.jsonl"], "data/mix", model="Qwen/Qwen2.5-VL-7B-Instruct")
 
+Inputs are files or folders (inputs.py: what is read, what is skipped and why). A file that cannot be read is a
+file-level failure: the other files are finished, the manifest lists it under `files`, and `result.failed` is
+true (the CLI exits 2). Image paths follow the one root rule (paths.py): the dataset file's folder and the
+`image_roots` given; a relative path resolves against the file's folder (an InternVL meta's `root`), or, when
+not found there, against the first image root that holds it.
+
 Output directory:
   data-00000.jsonl ...     normalized records (medvl/data/schema.py), `meta.n_tokens` = exact length when
                            a model is given (text tokens + the processor's own visual-token count per image)
@@ -9,11 +15,16 @@ Output directory:
   stats-00000.json         the shard's counts; written last, so its presence means the shard is complete
   quarantine.jsonl         all rejections, merged at the end
   manifest.json            counts per source and per reason, image and token histograms, versions,
-                           settings, and a content hash over the shards (the run records it)
+                           settings, each shard's record count and SHA-256 (train verifies them before step
+                           1), the folders images may come from, the files read / failed / skipped, and a
+                           content hash over the shards (the run records it). Written last: without it the
+                           output is an unfinished run, which train refuses.
 
 Shards follow input order: shard k holds what became of input samples k*S .. (k+1)*S-1. An interrupted run
-re-run with the same settings skips every complete shard and redoes the rest, so no sample is lost or written
-twice. Memory stays constant: the reader streams, and at most 2 x workers shards are in flight.
+re-run with the same settings and unchanged input files (size and mtime) skips every complete shard and redoes
+the rest, so no sample is lost or written twice. A run that failed before its first shard was complete leaves
+nothing behind (no state file, no empty folder), so the corrected command simply starts. Memory stays constant
+apart from the duplicate-id set (inputs.py): the reader streams, and at most 2 x workers shards are in flight.
 """
 
 from __future__ import annotations
@@ -28,14 +39,16 @@ from itertools import islice
 from pathlib import Path
 
 from medvl.data.checks import CheckPolicy, check_record
-from medvl.data.formats import ReadOptions, read_file
+from medvl.data.formats import ReadOptions
 from medvl.data.images import ResolutionPolicy
+from medvl.data.inputs import FileReport, Skipped, expand_inputs, read_inputs, unique_ids
+from medvl.data.output import cleanup_failed, open_output
 from medvl.data.schema import Record, Rejection
 from medvl.errors import MedvlError
 from medvl.progress import NullProgress
 from medvl.versions import library_versions
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: shard_files, image_roots, files
 
 
 @dataclass(frozen=True)
@@ -51,8 +64,9 @@ class Settings:
     max_pixels: int | None = None
     loss_mask: str = "all"
     shard_size: int = 10_000
-    image_root: str | None = None
+    image_roots: tuple[str, ...] = ()  # --image-root folders (absolute): allowed, and searched for relative paths
     frame: str = "middle"
+    columns: tuple[tuple[str, str], ...] = ()
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -64,6 +78,17 @@ class PrepareResult:
     manifest: dict
     skipped_shards: int = 0
     rejections: list[dict] = field(default_factory=list)  # the first few, for the summary
+    files: list[dict] = field(default_factory=list)  # per input file: path, samples, error, kept
+    skipped_files: list[dict] = field(default_factory=list)  # {path, reason} for folder entries not read
+
+    @property
+    def failed_files(self) -> list[dict]:
+        return [f for f in self.files if f["error"]]
+
+    @property
+    def failed(self) -> bool:
+        """A file could not be read, or nothing at all was kept: the CLI exits 2 after the summary."""
+        return bool(self.failed_files) or self.manifest["accepted"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,7 +114,9 @@ def _policy(settings: Settings) -> CheckPolicy:
     # Qwen-VL processors refuse images over 200:1 (a ValueError at measuring time): refuse them as a check instead.
     family = _WORKER.get("family")
     resolution = ResolutionPolicy() if family is not None and family.mrope else None
-    return CheckPolicy(max_images=settings.max_images, frame=settings.frame, resolution=resolution)
+    roots = settings.image_roots + tuple(sorted({str(Path(p).parent) for p in settings.inputs}))
+    return CheckPolicy(max_images=settings.max_images, frame=settings.frame, resolution=resolution, roots=roots,
+                       search=settings.image_roots)
 
 
 def process_item(item: Record | Rejection, settings: Settings) -> dict | Rejection:
@@ -133,7 +160,7 @@ def process_shard(k: int, items: list, out_dir: str, settings: Settings | None =
     out = Path(out_dir)
     stats = {"shard": k, "inputs": len(items), "accepted": 0, "rejected": Counter(), "sources": Counter(),
              "rejected_sources": Counter(), "images": 0, "n_tokens": [], "visual_tokens": [], "modalities": Counter(),
-             "repaired": 0}
+             "repaired": 0, "image_roots": set()}
     data_tmp, quar_tmp = out / f".data-{k:05d}.jsonl.tmp", out / f".quarantine-{k:05d}.jsonl.tmp"
     with open(data_tmp, "w", encoding="utf-8") as data, open(quar_tmp, "w", encoding="utf-8") as quar:
         for item in items:
@@ -148,6 +175,8 @@ def process_shard(k: int, items: list, out_dir: str, settings: Settings | None =
             stats["accepted"] += 1
             stats["sources"][res["source"]] += 1
             stats["images"] += len(res["images"])
+            if res["images"] and res["image_root"]:
+                stats["image_roots"].add(res["image_root"])
             stats["repaired"] += bool(meta.get("repairs"))
             stats["modalities"][meta.get("modality") or ("text" if not res["images"] else "unknown")] += 1
             if "n_tokens" in meta:
@@ -157,6 +186,7 @@ def process_shard(k: int, items: list, out_dir: str, settings: Settings | None =
     os.replace(data_tmp, data_path)
     os.replace(quar_tmp, out / f"quarantine-{k:05d}.jsonl")
     stats["sha256"] = _file_sha(data_path)
+    stats["image_roots"] = sorted(stats["image_roots"])
     stats = {key: dict(v) if isinstance(v, Counter) else v for key, v in stats.items()}
     stats_tmp = out / f".stats-{k:05d}.json.tmp"
     stats_tmp.write_text(json.dumps(stats))
@@ -182,56 +212,57 @@ def _file_sha(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # driver
 
-def _stream(settings: Settings):
-    options = ReadOptions(image_root=settings.image_root)
-    for path in settings.inputs:
-        yield from read_file(path, settings.format, options=options)
-
-
-def _open_output(out: Path, settings: Settings, overwrite: bool) -> set[int]:
-    """Create or reopen the output directory; the shards already complete (for resuming)."""
-    state = out / "prepare-state.json"
-    if out.is_dir() and any(out.iterdir()):
-        old = json.loads(state.read_text()).get("fingerprint") if state.is_file() else None
-        if old != settings.fingerprint() or (out / "manifest.json").is_file() and overwrite:
-            if not overwrite:
-                raise MedvlError(
-                    f"{out} already holds prepared data made with other inputs or settings", where=str(out),
-                    fix="choose a new --out directory, or pass --overwrite to replace it")
-            import shutil
-
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"fingerprint": settings.fingerprint(), "settings": asdict(settings)}, indent=2))
-    return {int(p.stem.split("-")[1]) for p in out.glob("stats-*.json")}
-
 
 def prepare(inputs, out_dir, *, format: str | None = None, model: str | None = None, max_seq_len: int | None = None,
             max_images: int = 8, min_pixels: int | None = None, max_pixels: int | None = None,
             loss_mask: str = "all", shard_size: int = 10_000, workers: int = 1, strict: bool = False,
-            image_root: str | None = None, overwrite: bool = False, progress=None) -> PrepareResult:
+            image_root: str | list[str] | None = None, columns: str | None = None, overwrite: bool = False,
+            progress=None) -> PrepareResult:
+    """Prepare `inputs` (files or folders) into `out_dir`. `image_root`: one folder or a list (--image-root)."""
+    from medvl.data.formats import canonical_format, parse_columns
+
     progress = progress or NullProgress()
-    missing = [str(p) for p in inputs if not Path(p).is_file()]
-    if missing:
-        raise MedvlError(f"input file(s) not found: {', '.join(missing)}", fix="check the paths")
+    out = Path(out_dir)
     if max_seq_len and not model:
         raise MedvlError("--max-seq-len needs --model: lengths are measured with the model's own processor",
                          fix="add --model PATH_OR_ID (the model you will train)")
-    settings = Settings(tuple(str(Path(p).resolve()) for p in inputs), format, model and str(model), max_seq_len,
-                        max_images, min_pixels, max_pixels, loss_mask, shard_size, image_root)
-    out = Path(out_dir)
-    done = _open_output(out, settings, overwrite)
-    stream = _stream(settings)
-    progress.start("prepare", None)
-    if strict:
-        _worker_init(settings)
-        return _finish(out, settings, _run_strict(stream, out, settings, done, progress), len(done), progress)
-    if workers <= 1:
-        _worker_init(settings)
-        stats = [process_shard(k, chunk, str(out), settings) for k, chunk in _chunks(stream, settings, done, progress)]
-    else:
-        stats = _run_parallel(stream, out, settings, done, workers, progress)
-    return _finish(out, settings, stats, len(done), progress)
+    if format:
+        canonical_format(format)  # an unknown name is refused before anything is read or written
+    roots = [image_root] if isinstance(image_root, (str, Path)) else list(image_root or [])
+    bad = [str(r) for r in roots if not Path(r).is_dir()]
+    if bad:
+        raise MedvlError(f"--image-root {', '.join(bad)}: not a folder", fix="give existing folders")
+    files, skipped = expand_inputs(inputs)
+    settings = Settings(tuple(f.path for f in files), format, model and str(model), max_seq_len, max_images,
+                        min_pixels, max_pixels, loss_mask, shard_size,
+                        tuple(str(Path(r).resolve()) for r in roots), columns=parse_columns(columns) if columns else ())
+    created = not out.exists()
+    done = open_output(out, settings, overwrite)
+    reports: list[FileReport] = []
+    try:
+        stream = unique_ids(read_inputs(files, settings.format, _read_options(settings), reports, strict=strict))
+        progress.start("prepare", None)
+        if strict:
+            _worker_init(settings)
+            _run_strict(stream, out, settings, done, progress)
+        elif workers <= 1:
+            _worker_init(settings)
+            for k, chunk in _chunks(stream, settings, done, progress):
+                process_shard(k, chunk, str(out), settings)
+        else:
+            _run_parallel(stream, out, settings, done, workers, progress)
+        if not any(r.samples for r in reports):  # every file failed: there is nothing to write a manifest for
+            raise MedvlError("no samples could be read from any input:\n  " + "\n  ".join(
+                r.error or f"{r.path}: no samples" for r in reports), fix="fix the files listed; nothing was written")
+    except BaseException:
+        progress.finish()
+        cleanup_failed(out, created)
+        raise
+    return _finish(out, settings, len(done), progress, reports, skipped)
+
+
+def _read_options(settings: Settings) -> ReadOptions:
+    return ReadOptions(columns=settings.columns)
 
 
 def _chunks(stream, settings: Settings, done: set[int], progress):
@@ -273,6 +304,19 @@ def _run_strict(stream, out: Path, settings: Settings, done: set[int], progress)
     return stats
 
 
+def _file_summaries(reports: list[FileReport], sources: Counter) -> list[dict]:
+    """Per input file: samples read, kept, and the file-level error (a failure, or "nothing kept")."""
+    files = []
+    for r in reports:
+        kept = sum(sources.get(src, 0) for src in r.sources)
+        error = r.error
+        if error is None and r.samples and not kept:
+            error = (f"{r.path}: none of its {r.samples} samples was kept (all quarantined; see quarantine.jsonl "
+                     "for the reasons)")
+        files.append({**r.as_dict(), "kept": kept, "error": error})
+    return files
+
+
 def _histogram(values: list[int]) -> dict[str, int]:
     """Counts in power-of-two bins: '64-127': n."""
     bins: Counter = Counter()
@@ -282,12 +326,14 @@ def _histogram(values: list[int]) -> dict[str, int]:
     return dict(sorted(bins.items(), key=lambda kv: int(kv[0].split("-")[0])))
 
 
-def _finish(out: Path, settings: Settings, new_stats: list[dict], skipped: int, progress) -> PrepareResult:
+def _finish(out: Path, settings: Settings, skipped: int, progress, reports: list[FileReport],
+            skipped_files: list[Skipped]) -> PrepareResult:
     progress.finish()
     all_stats = sorted((json.loads(p.read_text()) for p in out.glob("stats-*.json")), key=lambda s: s["shard"])
     totals = {"inputs": 0, "accepted": 0, "images": 0, "repaired": 0}
     rejected, sources, rejected_sources, modalities = Counter(), Counter(), Counter(), Counter()
-    n_tokens, visual = [], []
+    n_tokens, visual, shard_files = [], [], []
+    image_roots = set(settings.image_roots) | {str(Path(p).parent) for p in settings.inputs}
     content = hashlib.sha256()
     with open(out / ".quarantine.jsonl.tmp", "w", encoding="utf-8") as quar:
         for s in all_stats:
@@ -300,9 +346,12 @@ def _finish(out: Path, settings: Settings, new_stats: list[dict], skipped: int, 
             n_tokens += s["n_tokens"]
             visual += s["visual_tokens"]
             content.update(s["sha256"].encode())
+            shard_files.append({"file": f"data-{s['shard']:05d}.jsonl", "records": s["accepted"], "sha256": s["sha256"]})
+            image_roots.update(s.get("image_roots", []))
             with open(out / f"quarantine-{s['shard']:05d}.jsonl", encoding="utf-8") as f:
                 quar.write(f.read())
     os.replace(out / ".quarantine.jsonl.tmp", out / "quarantine.jsonl")
+    files = _file_summaries(reports, sources)
     manifest = {
         "version": MANIFEST_VERSION, "settings": asdict(settings), "fingerprint": settings.fingerprint(),
         "shards": len(all_stats), **totals, "rejected": dict(sorted(rejected.items())),
@@ -314,11 +363,16 @@ def _finish(out: Path, settings: Settings, new_stats: list[dict], skipped: int, 
                           "mean": round(sum(n_tokens) / len(n_tokens), 1) if n_tokens else None},
         "visual_tokens_per_image": {"histogram": _histogram(visual), "max": max(visual, default=None)},
         "versions": library_versions(), "content_hash": content.hexdigest(),
+        "shard_files": shard_files,
+        # the folders training may open images in (paths.py root rule, re-checked when the data is loaded)
+        "image_roots": sorted(image_roots),
+        # a folder of 100k images beside the JSON must not make a 10 MB manifest: the first 200, and the count
+        "files": files, "skipped_files": [asdict(x) for x in skipped_files[:200]],
+        "skipped_files_total": len(skipped_files),
     }
     tmp = out / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     os.replace(tmp, out / "manifest.json")
-    first = []
     with open(out / "quarantine.jsonl", encoding="utf-8") as f:
         first = [json.loads(line) for line in islice(f, 20)]
-    return PrepareResult(out, manifest, skipped, first)
+    return PrepareResult(out, manifest, skipped, first, files, [asdict(x) for x in skipped_files])

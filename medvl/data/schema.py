@@ -58,6 +58,7 @@ REJECTION_REASONS: dict[str, str] = {
     "unknown-role": "a turn's role is none of system/human/user/gpt/assistant/bot/ignored_gpt",
     "unsupported-media": "video, remote (http) images, or inline data: images without a folder to write them to",
     "bad-answer": "an evaluation item whose answer is not one of its options",
+    "duplicate-id": "the sample's id was already used by an earlier sample (the first one is kept)",
     "no-trainable-turn": "no assistant turn is trained, so the sample would add nothing to the loss",
     "empty-assistant": "a trained assistant turn has empty content",
     "no-user-turn": "the sample has images but no user turn to put them in",

@@ -51,7 +51,9 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     from accelerate.utils import set_seed
 
     from medvl.config import recipe_to_yaml
+    from medvl.data.dataset import verify_recipe_data
 
+    verify_recipe_data(recipe)  # unfinished or broken prepared data: refused before the model loads
     if recipe.eval.every and recipe.world_size > 1 and recipe.distributed.strategy in ("deepspeed-zero3", "fsdp"):
         raise MedvlError(f"benchmark evaluation during training (eval.every) is not supported with "
                          f"{recipe.distributed.strategy}: sharded weights would make every rank generate in lockstep",

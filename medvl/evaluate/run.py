@@ -153,7 +153,7 @@ def refuse_text_only(target: Target, eval_set: EvalSet, allow: bool) -> list[str
 def evaluate(model: str | Path | None, data: str | Path, suites: str | list[str] = ALL,
              out_dir: str | Path = "runs/eval", *, adapter: str | Path | None = None, decoding: str = "greedy",
              batch_size: int = 8, sample: int | None = None, seed: int = 42, max_new_tokens: int | None = None,
-             dtype: str = "auto", allow_text_only: bool = False,
+             dtype: str = "auto", allow_text_only: bool = False, image_roots=(),
              progress: ProgressSink | None = None) -> EvalRun:
     """Evaluate a model (optionally a LoRA adapter on it) on benchmark suites; write predictions and results.
 
@@ -164,9 +164,12 @@ def evaluate(model: str | Path | None, data: str | Path, suites: str | list[str]
     out_dir = Path(out_dir)
     if batch_size < 1:
         raise MedvlError(f"batch size must be at least 1, got {batch_size}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MedvlError(f"--out {out_dir} is a file, not a folder", where=str(out_dir),
+                         fix="give a new folder (or the folder of an interrupted eval to resume it)")
     dec = make_decoding(decoding, max_new_tokens=max_new_tokens, seed=seed)
     target = resolve_target(model, adapter)
-    eval_set = load_suites(resolve_data(data), suites, sample=sample, seed=seed)
+    eval_set = load_suites(resolve_data(data), suites, sample=sample, seed=seed, image_roots=image_roots)
     notes = refuse_text_only(target, eval_set, allow_text_only)
     if target.family.is_vision:
         raise_image_problems(image_problems(eval_set, progress), eval_set)

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medvl.data.paths import PathOutsideRoots, allowed_path
 from medvl.errors import MedvlError
 from medvl.progress import NullProgress, ProgressSink
 
@@ -157,11 +158,14 @@ def read_records(path: str | Path, *, kind: str = "evaluation file", fix: str = 
     return records
 
 
-def parse_item(record: Mapping, test_id: int, root: Path, *, resolve_images: bool = True) -> EvalItem:
+def parse_item(record: Mapping, test_id: int, root: Path, image_roots: Sequence[str | Path] = (), *,
+               resolve_images: bool = True) -> EvalItem:
     """One record -> EvalItem; raises MedvlError naming the field. Gold membership is checked by the caller.
 
-    `resolve_images=False` keeps image paths as written (re-scoring never opens them; resolving 17k paths
-    costs a file-system walk each)."""
+    Image paths follow the root rule (medvl/data/paths.py): inside the bundle's folder `root` or one of
+    `image_roots` (`--image-root`), symlinks resolved; anything else raises `PathOutsideRoots`.
+    `resolve_images=False` keeps them as written (re-scoring never opens them; checking 17k paths costs a
+    file-system walk each)."""
     for key in ("question", "options", "answer", "dataset"):
         if key not in record:
             raise MedvlError(f"missing field '{key}'")
@@ -169,7 +173,8 @@ def parse_item(record: Mapping, test_id: int, root: Path, *, resolve_images: boo
     images = record.get("image", record.get("images")) or []
     if isinstance(images, str):
         images = [images]
-    if not isinstance(record["question"], str) or not isinstance(images, list):
+    if not isinstance(record["question"], str) or not isinstance(images, list) or not all(
+            isinstance(p, str) and p for p in images):
         raise MedvlError("'question' must be a string and 'image' a list of paths")
     return EvalItem(
         test_id=test_id,
@@ -178,8 +183,8 @@ def parse_item(record: Mapping, test_id: int, root: Path, *, resolve_images: boo
         question=record["question"],
         options=options,
         answer=str(record["answer"]),
-        # absolute `p` wins, as os.path.join
-        images=tuple(str((root / p).resolve()) if resolve_images else str(p) for p in images),
+        images=tuple(allowed_path(p, base=root, roots=image_roots, where=f"test_id {test_id}") if resolve_images
+                     else str(p) for p in images),
         question_type=record.get("question_type"),
     )
 
@@ -190,6 +195,7 @@ def load_suites(
     *,
     sample: int | Mapping[str, int] | None = None,
     seed: int = 0,
+    image_roots: Sequence[str | Path] = (),
 ) -> EvalSet:
     """Read the file, select suites, drop open/option-less items (counted), validate golds, optionally sample.
 
@@ -198,6 +204,8 @@ def load_suites(
     `assert False` after the whole generation run; we fail before it starts.
     `sample`: items per suite (an int for all, or {suite name: n}); the same seed gives the same items, and a
     suite's sample does not change when other suites are added (each draws from its own seeded stream).
+    `image_roots`: folders besides the bundle's own that its image paths may point into (`--image-root`); an
+    image path outside them all is refused before anything is opened.
     """
     path = Path(path)
     records = read_records(path)
@@ -206,6 +214,7 @@ def load_suites(
     wanted = set(chosen)
     items: list[EvalItem] = []
     problems: list[str] = []
+    escapes: list[str] = []
     open_skipped = empty_skipped = 0
     for test_id, record in enumerate(records, 1):
         if str(record.get("dataset", "")) not in wanted:
@@ -214,7 +223,10 @@ def load_suites(
             open_skipped += 1
             continue
         try:
-            item = parse_item(record, test_id, path.parent)
+            item = parse_item(record, test_id, path.parent.resolve(), image_roots)
+        except PathOutsideRoots as exc:
+            escapes.append(f"test_id {test_id} ({record.get('dataset')}): {exc.what}; {exc.fix}")
+            continue
         except MedvlError as exc:
             problems.append(f"test_id {test_id} ({record.get('dataset')}): {exc.what}")
             continue
@@ -228,6 +240,13 @@ def load_suites(
             problems.append(problem)
             continue
         items.append(item)
+    if escapes:
+        shown = "\n  ".join(escapes[:10])
+        more = f"\n  ... and {len(escapes) - 10} more" if len(escapes) > 10 else ""
+        raise MedvlError(f"{len(escapes)} image path(s) lead outside the bundle's folder; nothing was read from "
+                         f"them:\n  {shown}{more}", where=str(path),
+                         fix="an evaluation bundle may only name images inside its own folder; if the images "
+                             "really live elsewhere, pass that folder with --image-root DIR")
     if problems:
         shown = "\n  ".join(problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""

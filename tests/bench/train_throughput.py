@@ -44,8 +44,11 @@ def run(steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_tiny("qwen2.5-vl", root / "tiny")
+        import easy_vqa
+
+        images = str(Path(next(iter(easy_vqa.get_train_image_paths().values()))).parent)
         prepare([make_raw(root)], root / "data", model=str(root / "tiny"), max_seq_len=256,
-                min_pixels=3136, max_pixels=12544)
+                min_pixels=3136, max_pixels=12544, image_root=[images])  # absolute paths: name their folder
         lengths = list(index_prepared([root / "data"]).n_tokens)
         print(f"samples {len(lengths)}, tokens/sample mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
         print(f"padding waste: padded micro-batch 8 {padding_waste(lengths, 8):.1%}, "

@@ -1,0 +1,91 @@
+"""The root rule for every file path that comes from data (an image path in a dataset, an evaluation bundle, a
+prepared shard, a chat transcript): it may only name a file inside the folders the user vouched for.
+
+Allowed folders: the data's own folder (the dataset file's directory, an InternVL meta `root`, the evaluation
+bundle's directory) plus every `--image-root DIR` the user gave. A relative path resolves against the data's
+folder; an absolute path stands alone. Either way, the path is refused when
+
+- lexically (`..` folded, no file system access) it leaves every allowed folder, or
+- its real path (symlinks resolved) lies outside every allowed folder: a dataset that links `images/` to
+  another disk must name that disk with `--image-root`.
+
+A path from data is never opened before this check: a downloaded dataset holding `/etc/shadow` or
+`../../home/you/.ssh/id_rsa` as an "image" must not get its bytes into a training run or a report.
+
+    full = allowed_path("images/1.png", base="/data/pmv", roots=["/mnt/images"])  # or raises PathOutsideRoots
+    problem = path_problem("/etc/passwd", base="/data/pmv")                        # str, or None when allowed
+
+`lexical=True` skips the symlink check: one `os.path.normpath` per path, for re-checking a million prepared
+samples at load; the full check then runs when the file is opened.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from medvl.errors import MedvlError
+
+__all__ = ["PathOutsideRoots", "allowed_path", "path_problem", "resolve_data_path", "within"]
+
+
+class PathOutsideRoots(MedvlError):
+    """A path from data that leaves the allowed folders. `fix` names the `--image-root` that would allow it."""
+
+
+def within(path: str, folder: str) -> bool:
+    """True when `path` is `folder` or inside it (both absolute and normalized)."""
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # different drives on Windows
+        return False
+
+
+def resolve_data_path(path: str | Path, base: str | Path | None) -> str:
+    """The absolute, normalized path a data path names: relative paths join onto `base` (no symlinks resolved)."""
+    path = os.fspath(path)
+    if not os.path.isabs(path):
+        if base is None:
+            raise MedvlError(f"relative path {path!r} and no folder to resolve it against",
+                             fix="give the data's folder (--image-root DIR)")
+        path = os.path.join(os.fspath(base), path)
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _folders(base: str | Path | None, roots: Iterable[str | Path]) -> list[str]:
+    folders = [os.path.normpath(os.path.abspath(os.fspath(f))) for f in ([base] if base else []) + list(roots)]
+    return list(dict.fromkeys(folders))
+
+
+def path_problem(path: str | Path, *, base: str | Path | None, roots: Iterable[str | Path] = (),
+                 lexical: bool = False) -> str | None:
+    """Why `path` may not be opened (a sentence naming the path, where it leads and the fix), or None."""
+    full = resolve_data_path(path, base)
+    folders = _folders(base, roots)
+    if not folders:
+        return (f"{path} is a path from data and no folder is allowed to hold such files; "
+                f"add --image-root {os.path.dirname(full)} if it is meant to be read")
+    if not any(within(full, f) for f in folders):
+        how = "leaves" if not os.path.isabs(os.fspath(path)) else "lies outside"
+        return (f"{path} {how} the allowed folders ({', '.join(folders)}); if the images really live there, "
+                f"add --image-root {os.path.dirname(full)}")
+    if lexical:
+        return None
+    real = os.path.realpath(full)
+    if not any(within(real, os.path.realpath(f)) for f in folders):
+        return (f"{path} resolves to {real} (through a symbolic link), outside the allowed folders "
+                f"({', '.join(folders)}); if the dataset links its images there on purpose, add "
+                f"--image-root {os.path.dirname(real)}")
+    return None
+
+
+def allowed_path(path: str | Path, *, base: str | Path | None, roots: Iterable[str | Path] = (),
+                 where: str | None = None) -> str:
+    """The absolute path to open, or `PathOutsideRoots` (a MedvlError: no traceback, exit 2 in the CLI)."""
+    roots = list(roots)
+    problem = path_problem(path, base=base, roots=roots)
+    if problem:
+        what, _, fix = problem.partition("; ")
+        raise PathOutsideRoots(what, where=where, fix=fix or None)
+    return resolve_data_path(path, base)
