@@ -63,22 +63,23 @@ def parse_window(text: str) -> tuple[float, float] | None:
 
 def check_image(path: str | Path, root: str | Path = ".", window: tuple[float, float] | None = None) -> ChatImage:
     """A ChatImage that exists, stays inside `root` (relative paths) and decodes; MedvlError otherwise."""
-    from medvl.data.checks import CheckPolicy, _path_problem
     from medvl.data.images import is_dicom
-    from medvl.data.schema import Record
+    from medvl.data.paths import path_problem
 
     raw = str(path).strip()
     if not raw:
         raise MedvlError("no image path given", fix="/image PATH")
     raw = os.path.expanduser(raw)
-    probe = Record("chat", SOURCE, [raw], [], str(Path(root).absolute()), {})
-    problem = _path_problem(probe, raw, CheckPolicy())
+    # A path the user types is theirs to open: an absolute one is taken as written. A relative one follows the
+    # root rule of data paths (medvl.data.paths): it may not climb out of the folder chat was started in.
+    problem = None if os.path.isabs(raw) else path_problem(raw, base=Path(root).absolute())
     if problem is not None:
-        code, message = problem
-        fix = ("give a path inside the folder chat was started in, or an absolute path"
-               if code == "image-escapes-root" else "check the path (TAB completes it)")
-        raise MedvlError(f"{code}: {message}", where=raw, fix=fix)
+        raise MedvlError(f"image-escapes-root: {problem.split('; ')[0]}", where=raw,
+                         fix="give a path inside the folder chat was started in, or an absolute path")
     full = Path(raw) if os.path.isabs(raw) else Path(root).absolute() / raw  # /save and /export outlive the cwd
+    if not full.is_file():
+        what = "is a folder, not an image" if full.is_dir() else "does not exist"
+        raise MedvlError(f"image-missing: {raw} {what}", where=str(full), fix="check the path (TAB completes it)")
     image = ChatImage(full, window, is_dicom(full))
     image.load()  # undecodable: MedvlError from the loader, now rather than mid-answer
     return image

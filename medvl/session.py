@@ -140,8 +140,13 @@ class ChatSession:
             raise MedvlError("no file given", fix="/save FILE.jsonl")
         for bot in self.bots:
             out = save_record(bot.turns, arg, system=bot.system, model=str(bot.source.path))
+        # prepare-data reads images inside the file's folder; others need their folder named (the root rule)
+        folder = out.absolute().parent
+        outside = sorted({str(im.path.parent) for t in self.bot.turns for im in t.images
+                          if folder not in im.path.absolute().parents})
+        roots = "".join(f" --image-root {d}" for d in outside)
         return Step(f"appended {len(self.bots)} record(s) to {out}; train on it after "
-                    f"`medvl prepare-data {out} --out DIR`")
+                    f"`medvl prepare-data {out}{roots} --out DIR`")
 
     def _export(self, arg: str) -> Step:
         if not arg:

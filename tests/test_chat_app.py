@@ -101,6 +101,7 @@ def test_undo_retry_and_save_then_prepare_data_reads_it(tiny_dir, png, tmp_path,
             assert len(app.session.bot.turns) == 2
             await send(pilot, app, "/save chats/session.jsonl")
             assert "appended 1 record" in notes(app)[-1]
+            assert f"--image-root {tmp_path} --out" in notes(app)[-1]  # the image lies outside chats/
             await send(pilot, app, "/export report.md")
         return first
 
@@ -109,7 +110,10 @@ def test_undo_retry_and_save_then_prepare_data_reads_it(tiny_dir, png, tmp_path,
     assert saved["images"] == [str(tmp_path / "x.png")]  # outside the file's folder: absolute, never '..'
     assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
     assert saved["messages"][1] == {"role": "assistant", "content": first, "train": True}
-    result = prepare([tmp_path / "chats" / "session.jsonl"], tmp_path / "prepared")
+    # the root rule: an image outside the file's folder is read only when its folder is named, as /save said
+    refused = prepare([tmp_path / "chats" / "session.jsonl"], tmp_path / "refused")
+    assert [r["code"] for r in refused.rejections] == ["image-escapes-root"]
+    result = prepare([tmp_path / "chats" / "session.jsonl"], tmp_path / "prepared", image_root=[str(tmp_path)])
     assert result.manifest["accepted"] == 1 and not result.rejections
     (row,) = [json.loads(line) for line in (tmp_path / "prepared" / "data-00000.jsonl").read_text().splitlines()]
     assert row["messages"] == saved["messages"] and row["images"] == saved["images"]
