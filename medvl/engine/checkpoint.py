@@ -1,8 +1,15 @@
 """Checkpoints that survive crashes, and resuming at the exact sample where a run stopped.
 
-Layout: `RUN/checkpoints/step-000100/` holds accelerate's state (model, optimizer, scheduler, every rank's RNG,
-and the sampler's position, registered as a checkpointable object; DeepSpeed and FSDP write their own shards
-there) plus `trainer_state.json`. Every rank writes into `.step-000100.partial/`; rank 0 renames it into place
+Layout: `RUN/checkpoints/step-000100/` holds accelerate's state (model as safetensors, optimizer, every rank's
+RNG; DeepSpeed and FSDP write their own shards there) plus `trainer_state.json`, which also carries medvl's own
+resume state (the schedule and the data position) as plain JSON.
+
+No checkpoint runs code when it is loaded. A pickle can call any function while it is read (a crafted
+`custom_checkpoint_0.pkl` ran `os.system` in accelerate's loader, which reads it with weights_only=False), and a
+checkpoint may come from a colleague or a shared filesystem. So medvl registers no pickled objects with
+accelerate, every torch file (optimizer, RNG, DeepSpeed shards) is read by torch's weights-only unpickler
+(forced for the whole load, whatever the library underneath asks for), and a file that needs more than tensors
+and plain data is refused with the reason. Every rank writes into `.step-000100.partial/`; rank 0 renames it into place
 once all ranks are done, so a crash or a full disk mid-save leaves only a `.partial` directory, which is
 ignored and later removed: the previous checkpoint stays intact. Only the newest `keep_last` are kept.
 
@@ -12,10 +19,12 @@ never change, so a LoRA run of a 7B model writes its adapter (~80 MB at r 16) pe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from medvl.errors import MedvlError
@@ -36,21 +45,49 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, *, keep_last: int) -> Path:
+@dataclass
+class Resumable:
+    """What a checkpoint restores. accelerate saves the model and optimizer (tensors); medvl saves the schedule
+    and the data position itself, as JSON in trainer_state.json (accelerate would pickle them)."""
+
+    model: object
+    optimizer: object
+    scheduler: object
+    position: object
+
+    def json_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "position": self.position.state_dict()}
+
+    def load_json_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.position.load_state_dict(state["position"])
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, *, keep_last: int,
+                    resumable: Resumable) -> Path:
+    """Write `step-N` next to the older checkpoints; refuse to write weights that are not finite, or to start
+    a save the disk cannot hold. On failure the previous checkpoint is untouched and the error names it."""
+    from medvl.engine import guards
+
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:06d}"
     partial = root / f".step-{step:06d}.partial"
+    guards.check_finite_state(accelerator, resumable.model, resumable.optimizer, step, run_dir)
+    need = guards.check_free_space(accelerator, root, resumable.model, resumable.optimizer, run_dir)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
+    with guards.disk_full_diagnosis(partial, need, run_dir):
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {**trainer_state, "resume_state": resumable.json_state()}
+            (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            if final.exists():  # re-saving the same step (a resumed run's final save)
+                shutil.rmtree(final)
+            os.replace(partial, final)
     if accelerator.is_main_process:
-        (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():  # re-saving the same step (a resumed run's final save)
-            shutil.rmtree(final)
-        os.replace(partial, final)
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".step-*.partial"):
@@ -73,8 +110,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
-    state = json.loads((path / "trainer_state.json").read_text())
+def load_checkpoint(accelerator, path: Path, resumable: Resumable) -> dict:
+    state = _read_trainer_state(path)
     saved_world = state.get("world_size")
     if saved_world and saved_world != accelerator.num_processes and accelerator.distributed_type.name == "DEEPSPEED":
         raise MedvlError(
@@ -82,8 +119,77 @@ def load_checkpoint(accelerator, path: Path) -> dict:
             where=str(path),
             fix="resume with the same number of processes, or consolidate it with `medvl export` and start a new run "
                 "from the exported model")
-    accelerator.load_state(str(path))
+    if "resume_state" not in state or list(path.glob("custom_checkpoint_*.pkl")):
+        raise MedvlError(f"checkpoint {path.name} keeps its resume state in pickle files (custom_checkpoint_*.pkl); "
+                         "medvl does not load those, because unpickling a file can run code hidden in it",
+                         where=str(path),
+                         fix="start the run again, or export the checkpoint's weights with `medvl export` (it reads "
+                             "tensors only) and train from the exported model")
+    for rng in sorted(path.glob("random_states_*.pkl")):
+        # accelerate swallows any error while reading these and carries on with fresh RNG, which would break
+        # the exact resume silently: read them here first, with the same weights-only loader.
+        with safe_torch_load(rng):
+            from accelerate.utils import load
+
+            load(rng)
+    with safe_torch_load(path):
+        accelerator.load_state(str(path))
+    resumable.load_json_state(state["resume_state"])
     return state
+
+
+def _read_trainer_state(path: Path) -> dict:
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedvlError(f"cannot read {path / 'trainer_state.json'}: {exc}", where=str(path),
+                         fix="resume from another checkpoint (--resume PATH), or start the run again") from None
+    if not isinstance(state, dict):
+        raise MedvlError(f"{path / 'trainer_state.json'} is not a medvl trainer state", where=str(path),
+                         fix="resume from another checkpoint (--resume PATH), or start the run again")
+    return state
+
+
+# Plain classes that DeepSpeed and numpy put in their torch files; rebuilding them runs no user code.
+def _extra_safe_globals() -> list:
+    found = []
+    with contextlib.suppress(Exception):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        found += [LossScaler, DynamicLossScaler, ZeroStageEnum]
+    with contextlib.suppress(Exception):
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        found.append(fragment_address)
+    return found
+
+
+@contextlib.contextmanager
+def safe_torch_load(where: Path):
+    """Every torch.load inside, by medvl or the libraries it calls (accelerate, DeepSpeed), is weights-only:
+    tensors, containers and a short list of plain classes. A file that needs anything else is refused."""
+    import pickle
+
+    import torch
+
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_extra_safe_globals()):
+            yield
+    except pickle.UnpicklingError as exc:
+        blocked = re.search(r"GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        name = next((g for g in blocked.groups() if g), None) if blocked else None
+        raise MedvlError(f"refused to load {where}: it holds a pickled Python object"
+                         f"{f' ({name})' if name else ''} that could run code when loaded; medvl reads only tensors "
+                         "and plain data from checkpoints", where=str(where),
+                         fix="use a checkpoint written by medvl, or one you trust converted to safetensors") from None
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
 def save_trainable_only(accelerator) -> None:

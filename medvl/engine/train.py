@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medvl.engine import checkpoint as ckpt
+from medvl.engine import guards
 from medvl.engine.batches import build_data, keepalive_sample, make_loader
 from medvl.engine.loss import supervised_tokens, token_loss_sum
 from medvl.engine.metrics import Fanout, JsonlSink, reporting_sinks
@@ -93,13 +94,13 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                                 kind=recipe.optim.scheduler, floor=recipe.optim.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     position = _Position()
-    accelerator.register_for_checkpointing(scheduler, position)
+    resumable = ckpt.Resumable(model, optimizer, scheduler, position)
     ckpt.save_trainable_only(accelerator)
 
     start = 0
     resume_from = ckpt.resolve_resume(resume, run_dir)
     if resume_from is not None:
-        ckpt.load_checkpoint(accelerator, resume_from)
+        ckpt.load_checkpoint(accelerator, resume_from, resumable)
         start = position.step
 
     sink = Fanout(list(sinks) + ([JsonlSink(run_dir / "metrics.jsonl", append=resume_from is not None)] if main else []))
@@ -122,7 +123,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     dtype = next(p for p in model.parameters()).dtype
 
     result = RunResult(run_dir, run_dir / "final", start, table=table)
-    guard = _Guard(sink)
+    guard = _Guard(sink, run_dir)
+    collapse = guards.Collapse(accelerator.unwrap_model(model), run_dir)
     micro_iter = iter(loader)
     t_start, tokens_seen, samples_seen, inputs_seen = time.perf_counter(), 0, 0, 0
     model.train()
@@ -150,7 +152,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                     loss = summed / window_tokens * accelerator.num_processes * recipe.train.grad_accum
                 accelerator.backward(loss)
         grad_norm = _clip(accelerator, model, recipe.optim.max_grad_norm)
-        optimizer.step()
+        with guards.optimizer_overflow(step + 1, run_dir):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         position.step = step + 1
@@ -162,6 +165,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         inputs_seen += window_inputs
         result.losses.append(mean_loss)
         guard.check(step + 1, mean_loss, grad_norm, window_tokens, n_rejected, rejected)
+        collapse.check(step + 1, mean_loss, grad_norm, window_tokens)
         if (step + 1) % recipe.train.log_every == 0 or step + 1 == total_steps or step == start:
             elapsed = time.perf_counter() - t_start
             done = step + 1 - start
@@ -180,7 +184,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
             sink.log(benchmark_eval(model, processor, family, bench_set, recipe, accelerator, run_dir, step + 1))
         if recipe.train.save_every and (step + 1) % recipe.train.save_every == 0 and step + 1 < total_steps:
             path = ckpt.save_checkpoint(accelerator, run_dir, step + 1, _trainer_state(step + 1, accelerator, recipe),
-                                        keep_last=recipe.train.keep_last or 1)
+                                        keep_last=recipe.train.keep_last or 1, resumable=resumable)
             sink.log({"kind": "checkpoint", "step": step + 1, "path": str(path)})
         if stop_after_step is not None and step + 1 >= stop_after_step:
             result.steps = step + 1
@@ -195,7 +199,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         sink.log({"kind": "eval", "step": total_steps, "eval_loss": round(v, 6)})
     if recipe.train.save_every:
         ckpt.save_checkpoint(accelerator, run_dir, total_steps, _trainer_state(total_steps, accelerator, recipe),
-                             keep_last=recipe.train.keep_last or 1)
+                             keep_last=recipe.train.keep_last or 1, resumable=resumable)
     save_final(accelerator, model, processor, recipe, run_dir / "final", table)
     sink.log({"kind": "end", "step": total_steps, "final_dir": str(run_dir / "final"),
               "wall_s": round(time.perf_counter() - t_start, 2)})
@@ -263,8 +267,9 @@ def _sha(recipe) -> str:
 class _Guard:
     """Stops on NaN/inf with a diagnosis; warns on windows with nothing to learn and on a loss stuck at zero."""
 
-    def __init__(self, sink):
+    def __init__(self, sink, run_dir):
         self.sink = sink
+        self.run_dir = run_dir
         self.zero_run = 0
 
     def check(self, step, loss, grad_norm, tokens, n_rejected, rejected):
@@ -276,11 +281,7 @@ class _Guard:
             return
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
-            raise MedvlError(
-                f"the {what} became {loss if what == 'loss' else grad_norm} at step {step}; training stopped, "
-                "the last saved checkpoint is intact",
-                fix="lower optim.lr or raise warmup; with fp16 switch to bf16; with flash attention try sdpa; "
-                    "resume from the last checkpoint with --resume auto")
+            raise guards.diverged(f"the {what} became {loss if what == 'loss' else grad_norm}", step, self.run_dir)
         self.zero_run = self.zero_run + 1 if loss == 0.0 else 0
         if self.zero_run == 3:
             self.sink.log({"kind": "warning", "step": step, "code": "loss_zero",
