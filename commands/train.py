@@ -20,9 +20,18 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe, launch command, "
                                  "trainability table and a memory estimate; train nothing."),
     resume: str = typer.Option(None, "--resume", help="'auto' (newest checkpoint of this run) or a checkpoint path."),
+    allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change",
+                                             help="Resume even when settings that cannot change mid-run (data, "
+                                                  "batch size, seed, model, method) differ from the checkpoint's."),
 ) -> None:
     """Train a model: alignment or instruction tuning, full or LoRA, on CPU, one GPU or many."""
+    import os
+
     from medvl.config import load_recipe
+    from medvl.engine.checkpoint import FORCE_ENV
+
+    if allow_recipe_change:
+        os.environ[FORCE_ENV] = "1"  # read where the checkpoint is compared, in this process or launched ranks
 
     r = load_recipe(recipe, overrides or [])
     if dry_run:

@@ -27,6 +27,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from medvl.atomic import follow_umask
 from medvl.errors import MedvlError
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -54,9 +55,13 @@ class Resumable:
     optimizer: object
     scheduler: object
     position: object
+    recipe: object = None  # saved with each checkpoint: what a resume compares its own recipe against
 
     def json_state(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "position": self.position.state_dict()}
+        state = {"scheduler": self.scheduler.state_dict(), "position": self.position.state_dict()}
+        if self.recipe is not None:
+            state["recipe"] = json.loads(self.recipe.model_dump_json())
+        return state
 
     def load_json_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
@@ -84,6 +89,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
         if accelerator.is_main_process:
             state = {**trainer_state, "resume_state": resumable.json_state()}
             (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            follow_umask(partial)
             if final.exists():  # re-saving the same step (a resumed run's final save)
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -132,10 +138,104 @@ def load_checkpoint(accelerator, path: Path, resumable: Resumable) -> dict:
             from accelerate.utils import load
 
             load(rng)
+    changes = recipe_changes(state["resume_state"].get("recipe"), resumable.recipe, path)
+    fresh = _optimizer_settings(resumable)
     with safe_torch_load(path):
         accelerator.load_state(str(path))
     resumable.load_json_state(state["resume_state"])
+    if any(key.startswith("optim.") for key in changes):
+        _reapply_optimizer_settings(resumable, fresh)
+    state["recipe_changes"] = changes
     return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resuming with a changed recipe. Settings read afresh every step apply by themselves; the optimizer's
+# hyperparameters and the schedule's base rates are restored from the checkpoint and would silently stay the
+# old ones (lr=1e-5 on resume trained at the checkpoint's 4.1e-4), so medvl re-applies them. Settings that
+# change what the checkpoint means (its weights, or the data position, counted in batches of a size drawn
+# from one seed) cannot change mid-run without breaking the exact resume: they are refused unless forced.
+
+APPLIES = ("optim.", "train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
+           "train.eval_every", "train.gradient_checkpointing", "train.vision_gradient_checkpointing", "eval.",
+           "output.", "data.num_workers", "model.attn_implementation", "distributed.master_addr",
+           "distributed.master_port", "distributed.node_rank")
+FORCE_ENV = "MEDVL_ALLOW_RECIPE_CHANGE"  # set by `medvl train --allow-recipe-change` (inherited by launched ranks)
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def recipe_changes(saved: dict | None, recipe, path: Path) -> dict[str, tuple]:
+    """{dotted key: (checkpoint value, this run's value)} of the settings that differ and may apply; refuses
+    the others (unless FORCE_ENV is set) with each change and why."""
+    if saved is None or recipe is None:
+        return {}
+    now = _flat(json.loads(recipe.model_dump_json()))
+    before = _flat(saved)
+    diff = {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before)) if before.get(k) != now.get(k)}
+    refused = {k: v for k, v in diff.items() if not k.startswith(APPLIES)}
+    if refused and os.environ.get(FORCE_ENV) != "1":
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise MedvlError(f"resuming {path.name} with settings that cannot change mid-run: {listed}. The "
+                         "checkpoint's weights and data position belong to the old values (the batches after step "
+                         f"{_step_of(path)} would not be the ones the run would have seen)", where=str(path),
+                         fix="put them back (the run's recipe is RUN/recipe.yaml), start a new run, or pass "
+                             "--allow-recipe-change to resume anyway (recorded in metrics.jsonl and medvl_run.json)")
+    return diff
+
+
+def recipe_change_event(step: int, changes: dict[str, tuple]) -> dict:
+    """The metrics.jsonl line that records a resume with changed settings (and which were forced)."""
+    return {"kind": "recipe_change", "step": step,
+            "changes": {k: {"checkpoint": a, "now": b} for k, (a, b) in changes.items()},
+            "forced": [k for k in changes if not k.startswith(APPLIES)]}
+
+
+def recipe_change_history(run_dir: Path) -> list[dict]:
+    """Every recipe_change event of this run, in order: with `recipe`, what really ran (medvl_run.json)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and event.get("kind") == "recipe_change":
+                    out.append({k: event[k] for k in ("step", "changes", "forced") if k in event})
+    return out
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else 0
+
+
+def _optimizer_settings(resumable: Resumable) -> dict:
+    groups = [{k: g[k] for k in ("weight_decay", "betas", "eps") if k in g}
+              for g in resumable.optimizer.param_groups]
+    return {"base_lrs": list(resumable.scheduler.base_lrs), "groups": groups}
+
+
+def _reapply_optimizer_settings(resumable: Resumable, fresh: dict) -> None:
+    """This run's rates and AdamW settings over the checkpoint's, at the restored point of the schedule."""
+    sched = resumable.scheduler
+    sched.base_lrs = list(fresh["base_lrs"])
+    lrs = []
+    for group, base, lam, settings in zip(resumable.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas,
+                                          fresh["groups"]):
+        group.update(settings)
+        group["initial_lr"] = base
+        group["lr"] = base * lam(sched.last_epoch)
+        lrs.append(group["lr"])
+    sched._last_lr = lrs
 
 
 def _read_trainer_state(path: Path) -> dict:

@@ -23,6 +23,10 @@ from pathlib import Path
 
 from medvl.errors import MedvlError
 
+# A trained transformer's weights sit within ~10 of zero (LayerNorm gains ~1, linear layers ~0.1); lr=1e3 on the
+# tiny model put |w| = 1e30 into a still-finite checkpoint. 1e6 is far past any sane weight and below fp32's
+# 3.4e38, where the next update overflows.
+MAX_ABS_WEIGHT = 1e6
 COLLAPSE_STEPS = 5  # lr=1e6 sat at exactly zero from step 2; 5 steps leaves no doubt and costs little
 UNIFORM_TOL = 1e-4  # |loss - ln V|: a random tiny model starts ~0.01-0.1 away; a collapsed one is at 0.0
 STUCK_TOL = 1e-6  # relative change of the loss between steps that counts as "did not move"
@@ -34,24 +38,34 @@ _DIVERGED_FIX = ("lower optim.lr (or raise optim.warmup_steps); with fp16 switch
 # ---------------------------------------------------------------------------------------------------------
 # divergence
 
-def last_good_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint: medvl writes none with non-finite weights or optimizer state."""
+def last_good_checkpoint(run_dir: Path, before: int | None = None) -> Path | None:
+    """The newest complete checkpoint (older than step `before`, when the trouble is known to start there):
+    medvl writes none with non-finite or exploded weights or optimizer state."""
     from medvl.engine.checkpoint import list_checkpoints
 
-    found = list_checkpoints(run_dir)
+    watch = _WATCH.get(str(run_dir))
+    found = [p for p in list_checkpoints(run_dir) if (before is None or _step(p) < before)
+             and (watch is None or watch.vouches_for(_step(p)))]
     return found[-1] if found else None
 
 
-def diverged(what: str, step: int, run_dir: Path) -> MedvlError:
-    good = last_good_checkpoint(run_dir)
+def _step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def diverged(what: str, step: int, run_dir: Path, *, before: int | None = None,
+             title: str = "training diverged") -> MedvlError:
+    good = last_good_checkpoint(run_dir, before)
     if good is None:
-        where = "no checkpoint was written before it (none would have been: weights are checked before saving)"
-        fix = f"{_DIVERGED_FIX}; then start the run again"
+        where = ("no good checkpoint was written before it" +
+                 (" (weights are checked before every save)" if before is None else
+                  f" (checkpoints from step {before} on hold the broken model)"))
+        fix = f"{_DIVERGED_FIX}; then start the run again (output.overwrite=true)"
     else:
         where = f"last good checkpoint: {good}"
-        fix = f"{_DIVERGED_FIX}; then resume from it with --resume {good} and the lower rate (optim.lr=...)"
-    return MedvlError(f"training diverged: {what} at step {step}; stopped, nothing more was saved",
-                      where=where, fix=fix)
+        fix = (f"{_DIVERGED_FIX}; then resume from it with the lower rate: --resume {good} optim.lr=... "
+               "(the rate is re-applied on resume)")
+    return MedvlError(f"{title}: {what} at step {step}; stopped, nothing more was saved", where=where, fix=fix)
 
 
 @contextlib.contextmanager
@@ -69,27 +83,46 @@ def check_finite_state(accelerator, model, optimizer, step: int, run_dir: Path) 
     """Every rank checks its own trainable weights and optimizer tensors; all ranks agree before a save."""
     import torch
 
+    watch = _WATCH.get(str(run_dir))
+    if watch is not None and watch.dead_at(step):
+        raise watch.error(step)  # a collapsed model is finite: never let it into (and rotate out) good checkpoints
     bad = []
     for name, p in model.named_parameters():
-        if p.requires_grad and p.numel() and not bool(torch.isfinite(p.detach()).all()):
-            bad.append(name)
-            break
+        if p.requires_grad and p.numel():
+            w = p.detach()
+            if not bool(torch.isfinite(w).all()):
+                bad.append(f"non-finite values in {name}")
+            elif float(w.abs().max()) > MAX_ABS_WEIGHT:
+                bad.append(f"|w| = {float(w.abs().max()):.1e} in {name}")
+            if bad:
+                break
     if not bad:
         for state in getattr(optimizer, "state", {}).values():
             if any(torch.is_tensor(t) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())
                    for t in state.values()):
-                bad.append("optimizer state")
+                bad.append("non-finite values in the optimizer state")
                 break
     flag = accelerator.reduce(torch.tensor([float(bool(bad))], device=accelerator.device), "sum")
     if float(flag) > 0:
-        what = f"non-finite values in {bad[0]}" if bad else "non-finite weights on another process"
+        what = bad[0] if bad else "broken weights on another process"
         raise diverged(f"{what} before saving checkpoint step-{step:06d} (not written)", step, run_dir)
 
 
+# The run's health record, found by run directory: the divergence message and the save check read it without
+# the loop having to pass it around. One entry per run directory of this process.
+_WATCH: dict[str, "Collapse"] = {}
+
+
 class Collapse:
-    """Stops a run that trains but cannot learn: zero gradients, or a loss frozen at the uniform value."""
+    """Stops a run that trains but cannot learn: zero gradients, or a loss frozen at the uniform value. Also
+    the run's health record: step k's checkpoint is vouched for once step k + 1, computed on its weights, gave a
+    finite loss and a non-zero gradient."""
 
     def __init__(self, model, run_dir: Path):
+        _WATCH[str(run_dir)] = self
+        self.healthy: set[int] = set()
+        self.first_seen: int | None = None
+        self.dead: int | None = None  # last step seen with a zero gradient / stuck loss
         cfg = model.config
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         vocab = getattr(text, "vocab_size", None) or getattr(cfg, "vocab_size", None)
@@ -98,24 +131,49 @@ class Collapse:
         self.zero_grad = 0
         self.stuck = 0
         self.last = None
+        self.onset = None  # first step of the current zero-gradient / stuck stretch
 
     def check(self, step: int, loss: float, grad_norm: float | None, tokens: int) -> None:
-        if tokens == 0 or not math.isfinite(loss):
-            return  # the divergence guard and the no-token warning handle these
+        if self.first_seen is None:
+            self.first_seen = step
+        if tokens == 0:
+            return  # the no-token warning handles these
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            return  # the divergence guard stops the run
         self.zero_grad = self.zero_grad + 1 if grad_norm == 0.0 else 0
         at_uniform = self.uniform is not None and abs(loss - self.uniform) < UNIFORM_TOL
         moved = self.last is None or abs(loss - self.last) > STUCK_TOL * max(1.0, abs(loss))
         self.stuck = self.stuck + 1 if at_uniform and not moved else 0
         self.last = loss
+        if self.zero_grad == 1 or self.stuck == 1:
+            self.onset = step
+        elif not (self.zero_grad or self.stuck):
+            self.onset = None
+            self.healthy.add(step)
+        if self.zero_grad or self.stuck:
+            self.dead = step
         if self.zero_grad >= COLLAPSE_STEPS or self.stuck >= COLLAPSE_STEPS:
-            why = (f"the gradient norm has been exactly 0 for {self.zero_grad} steps"
-                   if self.zero_grad >= COLLAPSE_STEPS else
-                   f"the loss has sat at {loss:.6f} = ln(vocab {round(math.exp(self.uniform))}) for {self.stuck} "
-                   "steps")
-            uniform = (f"; loss {loss:.6f} vs ln(vocab) {self.uniform:.6f}"
-                       + (" (uniform prediction: the model outputs the same logits for every token)"
-                          if at_uniform else "")) if self.uniform else ""
-            raise diverged(f"the model collapsed and is not learning: {why}{uniform}", step, self.run_dir)
+            raise self.error(step)
+
+    def vouches_for(self, ckpt_step: int) -> bool:
+        """Checkpoint `ckpt_step` is good: the step after it was healthy, or it predates this process."""
+        return ckpt_step + 1 in self.healthy or (self.first_seen is not None and ckpt_step + 1 < self.first_seen)
+
+    def dead_at(self, step: int) -> bool:
+        return self.dead == step
+
+    def error(self, step: int) -> MedvlError:
+        loss = self.last if self.last is not None else float("nan")
+        why = (f"the gradient norm has been exactly 0 for {self.zero_grad} step(s)" if self.zero_grad else
+               f"the loss has not moved for {self.stuck} step(s)")
+        uniform = ""
+        if self.uniform is not None:
+            uniform = f"; loss {loss:.6f} vs ln(vocab) {self.uniform:.6f}"
+            if abs(loss - self.uniform) < UNIFORM_TOL:
+                uniform += " (uniform prediction: the model gives every token the same probability)"
+        # The update before the first dead step did the damage: checkpoints from onset - 1 on are collapsed.
+        return diverged(f"{why}{uniform}", step, self.run_dir, before=(self.onset or step) - 1,
+                        title="the model collapsed and is not learning")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 from medvl.engine.params import Plan
@@ -137,9 +138,25 @@ def _gradient_checkpointing(model, family: Family, language: bool, vision: bool)
 
 
 def prepare_run_dir(recipe, resume: str | None) -> Path:
+    """Check output.dir before any heavy work; the loop creates it only once the model and data have loaded,
+    so a run that fails early leaves no empty run directory behind."""
+    from medvl.engine.checkpoint import list_checkpoints
+
     run_dir = Path(recipe.output.dir)
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise MedvlError(f"output.dir {run_dir}: {blocker} is a file, not a directory", where=str(blocker),
+                         fix="choose another output.dir (train writes a run directory there)")
+    if blocker is not None and not os.access(blocker, os.W_OK | os.X_OK):
+        raise MedvlError(f"output.dir {run_dir}: {blocker} is not writable by you", where=str(blocker),
+                         fix="choose an output.dir you can write to")
     if resume in (None, "", "no", "none") and run_dir.is_dir() and any(run_dir.iterdir()):
         if not recipe.output.overwrite:
-            raise MedvlError(f"run directory {run_dir} already holds a run", where=str(run_dir),
-                             fix="resume it with --resume auto, choose another output.dir, or set output.overwrite=true")
+            found = list_checkpoints(run_dir)
+            held = (f"{len(found)} checkpoint(s), newest {found[-1].name}" if found else
+                    "a final model" if (run_dir / "final").is_dir() else "files of an earlier run")
+            raise MedvlError(f"run directory {run_dir} already holds a run ({held}); nothing was deleted",
+                             where=str(run_dir),
+                             fix="continue it with --resume auto, choose another output.dir, or start over with "
+                                 "output.overwrite=true (deletes its checkpoints, metrics and final/)")
     return run_dir

@@ -68,7 +68,6 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     set_seed(recipe.train.seed)
     main = accelerator.is_main_process
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         if not resume and recipe.output.overwrite:
             for stale in ("metrics.jsonl", "checkpoints", "final"):
                 p = run_dir / stale
@@ -94,15 +93,18 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                                 kind=recipe.optim.scheduler, floor=recipe.optim.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     position = _Position()
-    resumable = ckpt.Resumable(model, optimizer, scheduler, position)
+    resumable = ckpt.Resumable(model, optimizer, scheduler, position, recipe)
     ckpt.save_trainable_only(accelerator)
 
     start = 0
     resume_from = ckpt.resolve_resume(resume, run_dir)
+    changes = {}
     if resume_from is not None:
-        ckpt.load_checkpoint(accelerator, resume_from, resumable)
+        changes = ckpt.load_checkpoint(accelerator, resume_from, resumable)["recipe_changes"]
         start = position.step
 
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to load leaves no empty folder
     sink = Fanout(list(sinks) + ([JsonlSink(run_dir / "metrics.jsonl", append=resume_from is not None)] if main else []))
     if main and resume_from is None:
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
@@ -115,6 +117,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                   "steps_per_epoch": batch_plan.steps_per_epoch, "samples": len(train_ids),
                   "dropped_per_epoch": batch_plan.dropped_per_epoch(), "table": table,
                   "distributed": accelerator.distributed_type.name, "device": str(accelerator.device)})
+        if changes:
+            sink.log(ckpt.recipe_change_event(start, changes))
 
     tok = tokenizer_of(processor)
     keepalive = keepalive_sample(processor, family) if family.is_vision and _needs_keepalive(recipe, table) else None
@@ -306,7 +310,8 @@ def save_final(accelerator, model, processor, recipe, out: Path, table) -> None:
             (tmp / "medvl_run.json").write_text(json.dumps({
                 "recipe": json.loads(recipe.model_dump_json()), "versions": library_versions(),
                 "trainability": table, "base_model": recipe.model.base, "method": recipe.method,
-                "data_manifests": _manifest_hashes(recipe)}, indent=2))
+                "data_manifests": _manifest_hashes(recipe),
+                "recipe_changes": ckpt.recipe_change_history(out.parent)}, indent=2))
     accelerator.wait_for_everyone()
 
 
