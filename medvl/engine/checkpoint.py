@@ -125,12 +125,7 @@ def load_checkpoint(accelerator, path: Path, resumable: Resumable) -> dict:
             where=str(path),
             fix="resume with the same number of processes, or consolidate it with `medvl export` and start a new run "
                 "from the exported model")
-    if "resume_state" not in state or list(path.glob("custom_checkpoint_*.pkl")):
-        raise MedvlError(f"checkpoint {path.name} keeps its resume state in pickle files (custom_checkpoint_*.pkl); "
-                         "medvl does not load those, because unpickling a file can run code hidden in it",
-                         where=str(path),
-                         fix="start the run again, or export the checkpoint's weights with `medvl export` (it reads "
-                             "tensors only) and train from the exported model")
+    check_resumable(path, state)
     for rng in sorted(path.glob("random_states_*.pkl")):
         # accelerate swallows any error while reading these and carries on with fresh RNG, which would break
         # the exact resume silently: read them here first, with the same weights-only loader.
@@ -236,6 +231,18 @@ def _reapply_optimizer_settings(resumable: Resumable, fresh: dict) -> None:
         group["lr"] = base * lam(sched.last_epoch)
         lrs.append(group["lr"])
     sched._last_lr = lrs
+
+
+def check_resumable(path: Path, state: dict | None = None) -> dict:
+    """The cheap part of loading a checkpoint (JSON and file names only), also run before torch is imported."""
+    state = _read_trainer_state(path) if state is None else state
+    if "resume_state" not in state or list(path.glob("custom_checkpoint_*.pkl")):
+        raise MedvlError(f"checkpoint {path.name} keeps its resume state in pickle files (custom_checkpoint_*.pkl); "
+                         "medvl does not load those, because unpickling a file can run code hidden in it",
+                         where=str(path),
+                         fix="start the run again, or export the checkpoint's weights with `medvl export` (it reads "
+                             "tensors only) and train from the exported model")
+    return state
 
 
 def _read_trainer_state(path: Path) -> dict:

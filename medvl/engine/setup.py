@@ -138,10 +138,15 @@ def _gradient_checkpointing(model, family: Family, language: bool, vision: bool)
 
 
 def prepare_run_dir(recipe, resume: str | None) -> Path:
-    """Check output.dir before any heavy work; the loop creates it only once the model and data have loaded,
-    so a run that fails early leaves no empty run directory behind."""
-    from medvl.engine.checkpoint import list_checkpoints
+    """Check the model's files and output.dir before any heavy work; the loop creates the run directory only
+    once the model and data have loaded, so a run that fails early leaves no empty run directory behind."""
+    from medvl.engine.checkpoint import check_resumable, list_checkpoints, recipe_changes, resolve_resume
 
+    from medvl.models import check_model_weights
+
+    if not recipe.model.family:
+        detect_family(recipe.model.base)  # a missing or mistyped model.base fails here, in a second, not after
+    check_model_weights(recipe.model.base)  # torch and accelerate have loaded (~10 s); truncated weights too
     run_dir = Path(recipe.output.dir)
     blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
@@ -159,4 +164,8 @@ def prepare_run_dir(recipe, resume: str | None) -> Path:
                              where=str(run_dir),
                              fix="continue it with --resume auto, choose another output.dir, or start over with "
                                  "output.overwrite=true (deletes its checkpoints, metrics and final/)")
+    found = resolve_resume(resume, run_dir)
+    if found is not None:  # the checkpoint's own files and settings, checked before the model loads
+        state = check_resumable(found)
+        recipe_changes(state["resume_state"].get("recipe"), recipe, found)
     return run_dir

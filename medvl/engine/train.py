@@ -48,9 +48,6 @@ class RunResult:
 
 def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int | None = None) -> RunResult:
     """Run a recipe to the end (or to `stop_after_step`, used by the kill-and-resume test); returns the run."""
-    import torch
-    from accelerate.utils import set_seed
-
     from medvl.config import recipe_to_yaml
 
     if recipe.eval.every and recipe.world_size > 1 and recipe.distributed.strategy in ("deepspeed-zero3", "fsdp"):
@@ -58,7 +55,10 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                          f"{recipe.distributed.strategy}: sharded weights would make every rank generate in lockstep",
                          fix="drop eval.every and run `medvl eval` on the checkpoints, or use ddp / deepspeed-zero2")
     bench_set = load_benchmark(recipe) if recipe.eval.every else None
-    run_dir = prepare_run_dir(recipe, resume)
+    run_dir = prepare_run_dir(recipe, resume)  # cheap checks first: torch + accelerate take seconds to import
+    import torch
+    from accelerate.utils import set_seed
+
     accelerator = build_accelerator(recipe)
     if recipe.world_size > 1 and (accelerator.num_processes != recipe.world_size
                                   or accelerator.distributed_type.name == "NO"):
