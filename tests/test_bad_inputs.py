@@ -293,9 +293,10 @@ def test_catalogue_counts(results, world, capsys):
 # Ctrl-C, as a terminal sends it
 
 
-def _interrupt_after(argv: list[str], ready: str, cwd: Path, limit: float = 120) -> tuple[int, str]:
-    """Start `medvl argv` in its own process group, wait until `ready` appears on stdout (or the limit), send
-    SIGINT to the whole group as a terminal does, and return (exit code, output)."""
+def _interrupt_after(argv: list[str], ready: str, cwd: Path, limit: float = 120, delay: float = 0.0
+                     ) -> tuple[int, str]:
+    """Start `medvl argv` in its own process group, wait until `ready` appears on stdout (or the limit) and
+    `delay` more seconds, send SIGINT to the whole group as a terminal does, and return (exit code, output)."""
     proc = subprocess.Popen([MEDVL, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                             cwd=cwd, start_new_session=True)
     seen, t0 = [], time.monotonic()
@@ -306,6 +307,7 @@ def _interrupt_after(argv: list[str], ready: str, cwd: Path, limit: float = 120)
         seen.append(line)
         if ready in line:
             break
+    time.sleep(delay)
     os.killpg(proc.pid, signal.SIGINT)
     rest, _ = proc.communicate(timeout=60)
     return proc.returncode, "".join(seen) + rest
@@ -327,8 +329,10 @@ def test_early_ctrl_c_in_parallel_prepare_data_prints_no_worker_tracebacks(world
     from .conftest import write_prepared
 
     raw = write_prepared(tmp_path / "raw", 64) / "data-00000.jsonl"
-    argv = ["prepare-data", str(raw), "--out", str(tmp_path / "prepared"), "--workers", "2", "--model", world["vl"]]
-    code, text = _interrupt_after(argv, "", tmp_path, limit=0)  # at once: workers are still starting
+    argv = ["prepare-data", str(raw), "--out", str(tmp_path / "prepared"), "--workers", "2", "--shard-size", "16",
+            "--model", world["vl"]]
+    # 2 s after the start line the workers are spawned and still importing torch/transformers (~9 s here)
+    code, text = _interrupt_after(argv, "prepare: started", tmp_path, delay=2.0)
     assert "Traceback" not in text, text
     assert code == 130 and "interrupted" in text and "run the same command again" in text
 
