@@ -13,6 +13,7 @@ rename makes it visible.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -58,6 +59,14 @@ def atomic_dir(target: str | Path, *, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = f"the previous {target} is untouched" if target.exists() else f"nothing was written to {target}"
+        raise MedvlError(f"the disk filled up while writing {target}; {kept}", where=str(target.parent),
+                         fix="free space on that filesystem (or choose an --out elsewhere) and run it again"
+                         ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -198,3 +198,51 @@ def test_too_little_free_space_refuses_before_writing(stopped_run, tiny_dir, pre
     text = str(err.value)
     assert "a save needs about" in text and "4.0 KiB is free" in text and "step-000002 is intact" in text
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export and convert: a failure mid-write (here: ENOSPC while writing the last file) leaves the previous output
+# readable and untouched, no partial directory, and the next run writes the new one
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _assert_previous_intact(out, marker_text):
+    assert (out / "MARKER").read_text() == marker_text
+    assert not [p.name for p in out.parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_export_cut_mid_write_keeps_the_previous_export(tiny_dir, tmp_path, monkeypatch):
+    import medvl.export as ex
+
+    out = tmp_path / "models" / "lm"
+    out.mkdir(parents=True)
+    (out / "MARKER").write_text("previous export")
+    monkeypatch.setattr(ex, "write_model_card", _disk_full)
+    with pytest.raises(MedvlError, match=f"disk filled up while writing {out}; the previous {out} is untouched"):
+        ex.export(tiny_dir("causal-lm"), out, dtype="fp32", overwrite=True)
+    _assert_previous_intact(out, "previous export")
+    monkeypatch.undo()
+    res = ex.export(tiny_dir("causal-lm"), out, dtype="fp32", overwrite=True)
+    assert res.parity.logits_max_abs_diff < 1e-4 and not (out / "MARKER").exists()
+    assert (out / "model.safetensors").is_file()
+
+
+def test_convert_cut_mid_write_keeps_the_previous_conversion(tiny_dir, tmp_path, monkeypatch):
+    import medvl.convert as cv
+
+    from .test_convert import make_llm
+
+    llm = make_llm(tmp_path / "llm")
+    out = tmp_path / "models" / "vlm"
+    out.mkdir(parents=True)
+    (out / "MARKER").write_text("previous conversion")
+    monkeypatch.setattr(cv, "copy_processor_files", _disk_full)
+    with pytest.raises(MedvlError, match="disk filled up"):
+        cv.convert(tiny_dir("qwen2.5-vl"), llm, out, overwrite=True)
+    _assert_previous_intact(out, "previous conversion")
+    monkeypatch.undo()
+    cv.convert(tiny_dir("qwen2.5-vl"), llm, out, overwrite=True)
+    assert (out / "model.safetensors").is_file() and not (out / "MARKER").exists()
