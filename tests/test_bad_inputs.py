@@ -130,6 +130,9 @@ def world(tmp_path_factory, tiny_dir, prepared_text):
     w.p["llm"] = llm
     w.p["llm-truncated"] = _broken_model(llm, root / "llm-truncated", "truncated")
     w.p["llm-no-weights"] = _broken_model(llm, root / "llm-no-weights", "no-weights")
+    from .test_eval_generate import write_eval_bundle
+
+    w.p["bundle"] = write_eval_bundle(root / "bundle")
     return w
 
 
@@ -216,6 +219,15 @@ CASES = [
                                        w.out("eval-de")], lambda w: w["empty_json"], _out("eval-de")),
     Case("eval-model-missing", lambda w: ["eval", "--model", w["missing"], "--data", w["empty_json"], "--out",
                                           w.out("eval-mm")], lambda w: w["missing"], _out("eval-mm")),
+    Case("eval-model-no-weights", lambda w: ["eval", "--model", w["vl-no-weights"], "--data", w["bundle"],
+                                             "--suite", "slake", "--out", w.out("eval-nw")],
+         lambda w: w["vl-no-weights"], _out("eval-nw")),
+    Case("eval-model-truncated", lambda w: ["eval", "--model", w["vl-truncated"], "--data", w["bundle"],
+                                            "--suite", "slake", "--out", w.out("eval-tr")],
+         lambda w: w["vl-truncated"], _out("eval-tr")),
+    Case("eval-model-random", lambda w: ["eval", "--model", w["vl-random"], "--data", w["bundle"],
+                                         "--suite", "slake", "--out", w.out("eval-rnd")],
+         lambda w: w["vl-random"], _out("eval-rnd")),
     Case("eval-out-is-file", lambda w: ["eval", "--model", w["lm"], "--data", w["empty_json"], "--out", w["file"]],
          lambda w: w["file"], pending="issue 9 item 10 (eval --out), another branch"),
     # ---- prepare-data / inspect-data

@@ -155,7 +155,9 @@ def prepare_run_dir(recipe, resume: str | None) -> Path:
     if blocker is not None and not os.access(blocker, os.W_OK | os.X_OK):
         raise MedvlError(f"output.dir {run_dir}: {blocker} is not writable by you", where=str(blocker),
                          fix="choose an output.dir you can write to")
-    if resume in (None, "", "no", "none") and run_dir.is_dir() and any(run_dir.iterdir()):
+    # launch-recipe.yaml is written by `medvl train` just before it starts the processes (engine/launch.py)
+    held_files = [p for p in run_dir.iterdir() if p.name != "launch-recipe.yaml"] if run_dir.is_dir() else []
+    if resume in (None, "", "no", "none") and held_files:
         if not recipe.output.overwrite:
             found = list_checkpoints(run_dir)
             held = (f"{len(found)} checkpoint(s), newest {found[-1].name}" if found else
