@@ -43,6 +43,9 @@ def train(
     from medvl.engine.launch import needs_launch, run_launched
 
     if needs_launch(r):
+        from medvl.engine.setup import prepare_run_dir
+
+        prepare_run_dir(r, resume)  # a mistake found here prints once, not under torchrun's failure report
         console.print(f"[dim]launching {r.world_size} processes ({r.distributed.strategy})[/]")
         code = run_launched(r, resume)
         if code:

@@ -133,6 +133,22 @@ def world(tmp_path_factory, tiny_dir, prepared_text):
     from .test_eval_generate import write_eval_bundle
 
     w.p["bundle"] = write_eval_bundle(root / "bundle")
+    # inputs that other branches' checks handle (the pending rows below)
+    cut_data = shutil.copytree(prepared_text, root / "cut-data")
+    shard = cut_data / "data-00000.jsonl"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # ends mid-line
+    w.p.update(cut_data=cut_data, cut_shard=shard)
+    bad_manifest = shutil.copytree(prepared_text, root / "bad-manifest")
+    (bad_manifest / "manifest.json").write_text("{")
+    w.p.update(bad_manifest=bad_manifest)
+    (root / "outside").mkdir()
+    (root / "outside" / "secret.png").write_bytes((w.p["bundle"].parent / "images" / "img0.png").read_bytes())
+    escaping = shutil.copytree(w.p["bundle"].parent, root / "escaping")
+    items = json.loads((escaping / w.p["bundle"].name).read_text())
+    for item in items:
+        item["image"] = ["../outside/secret.png" for _ in item["image"]]
+    (escaping / w.p["bundle"].name).write_text(json.dumps(items))
+    w.p["escaping"] = escaping / w.p["bundle"].name
     return w
 
 
@@ -164,6 +180,9 @@ CASES = [
          lambda w: w["lm-random"], _out("train-model-random")),
     Case("train-model-empty-weights", lambda w: _train(w, "train-model-empty-weights", f"model.base={w['lm-empty']}"),
          lambda w: w["lm-empty"], _out("train-model-empty-weights")),
+    Case("train-launched-model-truncated", lambda w: _train(w, "train-launched", "distributed.nproc=2",
+                                                            f"model.base={w['lm-truncated']}"),
+         lambda w: w["lm-truncated"], _out("train-launched")),
     Case("train-data-missing", lambda w: _train(w, "train-data-missing", f"data.train=[{w['missing']}]"),
          lambda w: w["missing"], _out("train-data-missing")),
     Case("train-data-is-file", lambda w: _train(w, "train-data-is-file", f"data.train=[{w['file']}]"),
@@ -239,6 +258,17 @@ CASES = [
          lambda w: w["file"], pending="issue 9 item 10 (prepare-data --out), another branch"),
     Case("inspect-missing", lambda w: ["inspect-data", w["missing"], "--model", w["lm"]], lambda w: w["missing"]),
     Case("inspect-file", lambda w: ["inspect-data", w["file"], "--model", w["lm"]], lambda w: w["file"]),
+    # ---- rows whose fix lives on another branch (issue 9 items 2 and 11)
+    Case("train-shard-truncated", lambda w: _train(w, "train-cut", f"data.train=[{w['cut_data']}]"),
+         lambda w: w["cut_shard"], _out("train-cut"), pending="issue 9 item 11 (truncated shard), another branch"),
+    Case("inspect-shard-truncated", lambda w: ["inspect-data", w["cut_data"], "--index", "40", "--model", w["lm"]],
+         lambda w: w["cut_shard"], pending="issue 9 item 11 (truncated shard), another branch"),
+    Case("train-manifest-corrupt", lambda w: _train(w, "train-manifest", f"data.train=[{w['bad_manifest']}]"),
+         lambda w: w["bad_manifest"], _out("train-manifest"),
+         pending="issue 9 item 11 (corrupt manifest), another branch"),
+    Case("eval-image-escapes-bundle", lambda w: ["eval", "--model", w["vl"], "--data", w["escaping"], "--suite",
+                                                 "slake", "--out", w.out("eval-esc")],
+         lambda w: "../outside/secret.png", _out("eval-esc"), pending="issue 9 item 2 (root rule), another branch"),
     # ---- tiny
     Case("tiny-out-is-file", lambda w: ["tiny", "--family", "causal-lm", "--out", w["file"]], lambda w: w["file"]),
 ]
