@@ -89,7 +89,7 @@ def check_finite_state(accelerator, model, optimizer, step: int, run_dir: Path) 
     bad = []
     for name, p in model.named_parameters():
         if p.requires_grad and p.numel():
-            w = p.detach()
+            w = _local(p.detach())
             if not bool(torch.isfinite(w).all()):
                 bad.append(f"non-finite values in {name}")
             elif float(w.abs().max()) > MAX_ABS_WEIGHT:
@@ -98,8 +98,8 @@ def check_finite_state(accelerator, model, optimizer, step: int, run_dir: Path) 
                 break
     if not bad:
         for state in getattr(optimizer, "state", {}).values():
-            if any(torch.is_tensor(t) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())
-                   for t in state.values()):
+            if any(torch.is_tensor(t) and t.is_floating_point() and t.numel()
+                   and not bool(torch.isfinite(_local(t)).all()) for t in state.values()):
                 bad.append("non-finite values in the optimizer state")
                 break
     flag = accelerator.reduce(torch.tensor([float(bool(bad))], device=accelerator.device), "sum")
@@ -111,6 +111,11 @@ def check_finite_state(accelerator, model, optimizer, step: int, run_dir: Path) 
 # The run's health record, found by run directory: the divergence message and the save check read it without
 # the loop having to pass it around. One entry per run directory of this process.
 _WATCH: dict[str, "Collapse"] = {}
+
+
+def _local(t):
+    """This rank's shard of an FSDP2 DTensor (each rank checks its own; the flags are reduced), else t."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class Collapse:
@@ -183,9 +188,9 @@ def save_bytes(model, optimizer) -> int:
     """What one checkpoint of this process takes: trainable weights + optimizer tensors (+ the margin)."""
     import torch
 
-    n = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    n = sum(_local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     for state in getattr(optimizer, "state", {}).values():
-        n += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+        n += sum(_local(t).numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
     return int(n * SAVE_MARGIN) + (1 << 20)  # + 1 MiB: RNG states, trainer_state.json, file headers
 
 
