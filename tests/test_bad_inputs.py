@@ -350,7 +350,10 @@ def test_catalogue_counts(results, world, capsys):
     tracebacks = sum("traceback" in v for v in verdicts.values())
     with capsys.disabled():
         print(f"\nbad-input catalogue: tried {len(verdicts)}, clear {clear}, traceback {tracebacks}, "
-              f"other {len(verdicts) - clear - tracebacks} ({', '.join(k for k, v in verdicts.items() if v)})")
+              f"other {len(verdicts) - clear - tracebacks}")
+        for k, v in verdicts.items():
+            if v:
+                print(f"  {k}: {'; '.join(v)}")
         slow = sorted(results, key=lambda k: -results[k].seconds)[:8]
         print("slowest: " + ", ".join(f"{k} {results[k].seconds:.1f} s" for k in slow))
     assert tracebacks <= sum(1 for c in CASES if c.pending and c.id in verdicts)
