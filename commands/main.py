@@ -87,12 +87,51 @@ def _quiet_known_noise() -> None:
     logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 
 
+# What to do after Ctrl-C, per command: each of these picks up where it stopped.
+_AFTER_INTERRUPT = {
+    "train": "continue from the newest checkpoint: {resume}",
+    "prepare-data": "run the same command again: completed shards are kept and skipped",
+    "eval": "run the same command again: answers already written are kept",
+}
+
+
+def interrupt_hint(argv: list[str]) -> str | None:
+    """The line printed under "interrupted" for `argv` (sys.argv[1:])."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    hint = _AFTER_INTERRUPT.get(command or "")
+    if hint is None:
+        return None
+    if command == "train":
+        import shlex
+
+        args, skip = [], False
+        for a in argv:  # drop any --resume X / --resume=X / --dry-run, then ask for the newest checkpoint
+            if skip:
+                skip = False
+            elif a == "--resume":
+                skip = True
+            elif not a.startswith("--resume=") and a != "--dry-run":
+                args.append(a)
+        return hint.format(resume="medvl " + " ".join(shlex.quote(a) for a in args) + " --resume auto")
+    return hint
+
+
 def main() -> None:
-    """Console-script entry: user mistakes (MedvlError) print as a panel and exit 2, never a traceback."""
+    """Console-script entry: user mistakes (MedvlError) print as a panel and exit 2, never a traceback; Ctrl-C
+    prints "interrupted" (and how to continue) and exits 130."""
+    import signal
+
     from medvl.errors import MedvlError
 
     _quiet_known_noise()
+    # Typer turns KeyboardInterrupt into a silent exit 130; this flag is how main() knows that happened.
+    hit = []
 
+    def on_sigint(signum, frame):
+        hit.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         app(standalone_mode=True)
     except MedvlError as exc:
@@ -100,8 +139,14 @@ def main() -> None:
 
         print_error(exc)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and not hit:
+            raise
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message short
         print("interrupted", file=sys.stderr)
+        hint = interrupt_hint(sys.argv[1:])
+        if hint:
+            print(hint, file=sys.stderr)
         sys.exit(130)
 
 

@@ -42,7 +42,7 @@ RecipeArg = Annotated[str, typer.Argument(
     help="A recipe: a YAML path, or the name of a shipped recipe (see `medvl recipes list`).",
     autocompletion=complete_recipe, show_default=False)]
 OverridesArg = Annotated[list[str] | None, typer.Argument(
-    help="Dotted overrides applied before validation, e.g. train.lr=1e-5 data.max_seq_len=4096.",
+    help="Dotted overrides applied before validation, e.g. optim.lr=1e-5 data.max_seq_len=4096.",
     show_default=False)]
 FamilyOpt = Annotated[str, typer.Option(
     "--family", help=f"Model family: {', '.join(FAMILY_NAMES)}.", autocompletion=complete_family)]

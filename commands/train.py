@@ -20,9 +20,18 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe, launch command, "
                                  "trainability table and a memory estimate; train nothing."),
     resume: str = typer.Option(None, "--resume", help="'auto' (newest checkpoint of this run) or a checkpoint path."),
+    allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change",
+                                             help="Resume even when settings that cannot change mid-run (data, "
+                                                  "batch size, seed, model, method) differ from the checkpoint's."),
 ) -> None:
     """Train a model: alignment or instruction tuning, full or LoRA, on CPU, one GPU or many."""
+    import os
+
     from medvl.config import load_recipe
+    from medvl.engine.checkpoint import FORCE_ENV
+
+    if allow_recipe_change:
+        os.environ[FORCE_ENV] = "1"  # read where the checkpoint is compared, in this process or launched ranks
 
     from medvl.commands.worker import MODULE as worker
 
@@ -37,8 +46,11 @@ def train(
 
     if needs_launch(r):
         from medvl.data.dataset import verify_recipe_data
+        from medvl.engine.setup import prepare_run_dir
 
-        verify_recipe_data(r)  # once, here: a child's error would reach the user inside the launcher's report
+        # Mistakes found here print once, not under torchrun's failure report of every rank.
+        verify_recipe_data(r)
+        prepare_run_dir(r, resume)
         console.print(f"[dim]launching {r.world_size} processes ({r.distributed.strategy})[/]")
         code = run_launched(r, resume, worker=worker)
         if code:

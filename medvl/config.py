@@ -427,7 +427,13 @@ def load_recipe(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
     """Read, override, validate. Raises RecipeError listing every problem (with YAML lines) at once."""
     path = resolve_recipe_path(path_or_name)
     source = str(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable, a directory, or not text (a binary file)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise MedvlError(f"cannot read the recipe {path}: {why}", where=str(path),
+                         fix="give a readable YAML recipe file, or a shipped recipe name (`medvl recipes list`)"
+                         ) from None
     try:
         raw, lines, problems = read_yaml(text)
     except YamlSyntax as exc:

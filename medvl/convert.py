@@ -308,9 +308,8 @@ def copy_processor_files(vl: Path, tmp: Path) -> list[str]:
 
 def convert(vl: str | Path, llm: str | Path, out: str | Path, *, vocab: str = "resize", overwrite: bool = False,
             max_shard_size: str | int = "5GB", progress=None) -> ConvertResult:
-    from transformers import AutoConfig, AutoTokenizer
-
     from medvl.atomic import atomic_dir, check_writable_target
+    from medvl.models import check_model_weights
 
     t0 = time.perf_counter()
     progress = progress or NullProgress()
@@ -327,6 +326,10 @@ def convert(vl: str | Path, llm: str | Path, out: str | Path, *, vocab: str = "r
     if llm_family.is_vision:
         raise MedvlError(f"--llm {llm} is a vision-language model ({llm_family.name})", where=str(llm),
                          fix="--llm takes a text-only causal LM (e.g. Qwen2.5-7B-Instruct)")
+    check_model_weights(vl)  # headers only: a truncated download fails here, before transformers is imported
+    check_model_weights(llm)
+    from transformers import AutoConfig, AutoTokenizer
+
     vl_cfg, llm_cfg = AutoConfig.from_pretrained(vl), AutoConfig.from_pretrained(llm)
     check_configs(vl_cfg.get_text_config(), llm_cfg.get_text_config(), vl, llm)
 

@@ -176,7 +176,8 @@ def run_demo(out: str | Path = "demo-out", *, train_samples: int = 2400, test_sa
     tiny = out / "tiny-qwen2.5-vl"
     build_tiny("qwen2.5-vl", tiny, overwrite=True)
     recipe = load_recipe("tiny_cpu", [f"model.base={tiny}", f"data.train=[{out / 'data'}]",
-                                      f"output.dir={out / 'run'}", f"train.max_steps={steps}"])
+                                      f"output.dir={out / 'run'}", f"train.max_steps={steps}",
+                                      "output.overwrite=true"])  # the demo rebuilds all of demo-out/
     lo, hi = recipe.data.pixel_range
     prepared = prepare([train_path], out / "data", model=str(tiny), max_seq_len=recipe.data.max_seq_len,
                        min_pixels=lo, max_pixels=hi, overwrite=True, progress=progress,

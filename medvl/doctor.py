@@ -68,10 +68,16 @@ def check_disk(out_dir: Path) -> Check:
         usage = shutil.disk_usage(probe)
     except OSError as exc:
         return Check("disk", "fail", f"{target}: {error_line(exc)}", "pick another --out-dir")
-    where = str(target) if probe == target else f"{target} (not created yet)"
+    where = (str(target) if probe == target else
+             f"{target} (does not exist: it would be created inside {probe}, the nearest existing folder)")
     detail = f"{usage.free / GIB:.1f} of {usage.total / GIB:.0f} GiB free at {where}"
-    if not os.access(probe, os.W_OK):
-        return Check("disk", "fail", detail, f"{probe} is not writable: pick another --out-dir")
+    if not probe.is_dir():
+        return Check("disk", "fail", f"{target}: {probe} is a file, not a folder",
+                     "pick another --out-dir (runs and exports are folders)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return Check("disk", "fail", detail, f"{probe} is not writable by you, so {target} cannot be "
+                                             "created there: pick another --out-dir" if probe != target else
+                     f"{probe} is not writable: pick another --out-dir")
     per_copy = f"{VLM_7B_BF16_BYTES / GIB:.1f} GiB"
     if usage.free < GIB:
         return Check("disk", "fail", detail, "too little for checkpoints: free space or pick another --out-dir")

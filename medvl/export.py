@@ -93,10 +93,8 @@ class ExportResult:
 def export(source: str | Path, out: str | Path, *, dtype: str = "bf16", max_shard_size: str | int = "5GB",
            overwrite: bool = False, base: str | None = None, max_new_tokens: int = 8,
            progress=None) -> ExportResult:
-    import torch
-
     from medvl.atomic import atomic_dir, check_writable_target
-    from medvl.models import DTYPES
+    from medvl.models import DTYPES, check_model_weights
 
     t0 = time.perf_counter()
     progress = progress or NullProgress()
@@ -106,7 +104,11 @@ def export(source: str | Path, out: str | Path, *, dtype: str = "bf16", max_shar
     out = Path(out)
     check_writable_target(out, overwrite)  # before minutes of loading, not after
     src = resolve_model(source, base=base)
+    for folder in ([src.path] if src.kind != "checkpoint" else []) + ([src.base_dir] if src.base_dir else []):
+        check_model_weights(folder)  # headers only, before torch is even imported (~5 s on a busy machine)
     progress.note(f"exporting a {src.kind} {src.family.name} model from {src.path}")
+
+    import torch
 
     model, processor = load_source(src, dtype="fp32")  # LoRA: the PeftModel, merged below
     model.eval()

@@ -219,9 +219,13 @@ def _cached_config(model: str) -> Path:
         found = try_to_load_from_cache(model, "config.json")
         if isinstance(found, str):
             return Path(found)
-        raise MedvlError(f"'{model}' is neither a local directory nor a model in the Hugging Face cache",
-                         where=model,
-                         fix=f"check the path, or download the model first: `hf download {model}`")
+        # `demo-out/tiny-qwen2.5-vl` (tiny_cpu's base, relative to the current directory) looks like a hub id
+        # too: the hint covers both readings.
+        raise MedvlError(f"'{model}' is neither a local directory (looked for {Path(model).absolute()}) nor a "
+                         "model in the Hugging Face cache", where=model,
+                         fix=f"a local folder: run from the directory that holds it, or give its absolute path "
+                             f"(shipped recipes expect `medvl demo` to have built demo-out/ here); a hub id: "
+                             f"download it first with `hf download {model}`")
     raise MedvlError(f"no config.json in {model}", where=str(model),
                      fix="point at a directory saved with save_pretrained (it holds config.json and weights), "
                          "or a hub id such as Qwen/Qwen2.5-VL-7B-Instruct that is in the Hugging Face cache")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 from pathlib import Path
 
 from medvl.errors import MedvlError
@@ -129,6 +130,79 @@ def apply_resolution(processor, family: Family, min_pixels: int | None, max_pixe
     ip.size = size
 
 
+# Weight files a save_pretrained folder may hold, in transformers' order of preference.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+_SAFETENSORS_MAX_HEADER = 100 * 2**20  # the format's own limit (safetensors refuses larger headers)
+
+
+def check_weight_file(path: Path) -> None:
+    """One weight file is complete and of the format its name says, read from its header only (no torch).
+
+    A safetensors file is an 8-byte header length, a JSON header giving every tensor's byte range, then the
+    data: a truncated file ends before the last range, random bytes give an absurd length or invalid JSON.
+    A .bin file is a torch zip archive, whose directory sits at the end (a truncated one is no longer a zip).
+    """
+    import struct
+    import zipfile
+
+    path = Path(path)
+    fix = "copy or download the model again (compare the file size with its source)"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if path.suffix == ".safetensors":
+                head = f.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if not 0 < n <= min(_SAFETENSORS_MAX_HEADER, size - 8):
+                    raise MedvlError(f"{path} is not a safetensors file (header length {n}, file {size} bytes)",
+                                     where=str(path), fix=fix)
+                try:
+                    header = json.loads(f.read(n))
+                    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                              default=0)
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                    raise MedvlError(f"{path} has a corrupt safetensors header", where=str(path), fix=fix) from None
+                if 8 + n + end > size:
+                    raise MedvlError(f"{path} is truncated: its header describes {8 + n + end} bytes, the file has "
+                                     f"{size}", where=str(path), fix=fix)
+            elif path.suffix == ".bin" and not zipfile.is_zipfile(f):
+                raise MedvlError(f"{path} is truncated or not a torch weight file (not a zip archive)",
+                                 where=str(path), fix=fix)
+    except OSError as exc:
+        raise MedvlError(f"cannot read the weight file {path}: {exc.strerror or exc}", where=str(path),
+                         fix="check that the file exists and is readable by you") from None
+
+
+def check_model_weights(path: str | Path) -> None:
+    """A local model folder holds complete weights (every shard of its index, each whole); hub ids pass through.
+    Called before transformers reads a folder, whose own errors for these cases are tracebacks."""
+    root = Path(path)
+    if not root.is_dir():
+        return
+    present = [name for name in WEIGHT_FILES if (root / name).is_file()]
+    if not present:
+        raise MedvlError(f"the model folder {root} holds no weights (none of {', '.join(WEIGHT_FILES[:3])}, ...)",
+                         where=str(root), fix="copy the weight files next to config.json, or point at the folder "
+                                              "that has them (an interrupted download leaves only the configs)")
+    name = present[0]
+    if name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads((root / name).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MedvlError(f"cannot read the shard index {root / name}: {exc}", where=str(root / name),
+                             fix="copy or download the model again") from None
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise MedvlError(f"{len(missing)} of {len(shards)} weight shards listed in {name} are missing "
+                             f"(e.g. {missing[0]})", where=str(root / missing[0]),
+                             fix="copy or download the missing shards")
+        for shard in shards:
+            check_weight_file(root / shard)
+    else:
+        check_weight_file(root / name)
+
+
 def load_model(path: str | Path, family: Family | str | None = None, *, dtype: str = "fp32",
                attn_implementation: str | None = None, trust_remote_code: bool = False, device_map=None,
                quantize_4bit: bool = False):
@@ -151,6 +225,7 @@ def load_model(path: str | Path, family: Family | str | None = None, *, dtype: s
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"])
+    check_model_weights(path)
     try:
         return model_class(family).from_pretrained(path, **kwargs)
     except ImportError as exc:

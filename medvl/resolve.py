@@ -264,23 +264,30 @@ def _tied(model) -> bool:
 
 
 def checkpoint_state_dict(ckpt: Path) -> dict:
-    """The model weights of an accelerate `save_state` directory, consolidated to one fp32/16-bit state dict."""
+    """The model weights of an accelerate `save_state` directory, consolidated to one fp32/16-bit state dict.
+    Torch files are read weights-only (DeepSpeed's zero_to_fp32 asks for full unpickling; it is overridden), so a
+    crafted checkpoint cannot run code here (engine/checkpoint.py: safe_torch_load)."""
     import torch
+
+    from medvl.engine.checkpoint import safe_torch_load
+    from medvl.models import check_weight_file
 
     if (ckpt / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
+        check_weight_file(ckpt / "model.safetensors")
         return load_file(ckpt / "model.safetensors")
     for name in ("pytorch_model.bin", "pytorch_model_fsdp.bin"):  # accelerate's names (FSDP: full state dict)
         if (ckpt / name).is_file():
-            return torch.load(ckpt / name, map_location="cpu", weights_only=True)
+            with safe_torch_load(ckpt / name):
+                return torch.load(ckpt / name, map_location="cpu", weights_only=True)
     tags = sorted(p.name for p in ckpt.iterdir() if p.is_dir() and any(p.glob("*model_states.pt")))
     if tags:
         # DeepSpeed ZeRO: accelerate saves under tag "pytorch_model"; zero_to_fp32 merges the partitions.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         tag = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else tags[0]
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress; the library does not
+        with contextlib.redirect_stdout(io.StringIO()), safe_torch_load(ckpt):  # it prints; the library does not
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
     raise MedvlError(f"no model weights in checkpoint {ckpt.name}", where=str(ckpt),
                      fix="expected model.safetensors, pytorch_model.bin, pytorch_model_fsdp.bin or DeepSpeed "

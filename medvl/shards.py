@@ -48,6 +48,9 @@ class Weights:
         else:
             raise MedvlError(f"no safetensors weights in {root} ({label})", where=str(root),
                              fix="re-save the model with save_pretrained (safetensors); .bin files are not read")
+        from medvl.models import check_model_weights
+
+        check_model_weights(root)  # truncated or random files: a clear error, not safetensors' own
         self._handles: dict[Path, object] = {}
         self.file, self.shape, self.dtype = {}, {}, {}
         for name in files:

@@ -68,7 +68,7 @@ def test_real_run_tells_the_truth_about_this_machine(real):
     assert by["torch"]["detail"].startswith(importlib.metadata.version("torch"))
     assert by["transformers"]["detail"] == importlib.metadata.version("transformers")
     assert by["deepspeed"]["detail"].startswith(importlib.metadata.version("deepspeed"))
-    assert by["disk"]["detail"].endswith("(not created yet)")  # --out-dir pointed at a directory not made yet
+    assert "(does not exist: it would be created inside" in by["disk"]["detail"]  # --out-dir not made yet
     if torch.version.cuda is None:
         assert ", CPU build" in by["torch"]["detail"]
         assert report["gpus"] == []
@@ -335,8 +335,15 @@ def test_disk_thresholds(tmp_path, monkeypatch, free_gib, status):
 
 def test_disk_of_a_directory_not_made_yet_is_measured_on_its_parent(tmp_path):
     c = d.check_disk(tmp_path / "a" / "b")
-    assert c.detail.endswith(f"at {tmp_path / 'a' / 'b'} (not created yet)")
+    assert c.detail.endswith(f"at {tmp_path / 'a' / 'b'} (does not exist: it would be created inside {tmp_path}, "
+                             "the nearest existing folder)")
     assert f"{shutil.disk_usage(tmp_path).total / GiB:.0f} GiB free" in c.detail
+
+
+def test_disk_out_dir_under_a_file_fails(tmp_path):
+    (tmp_path / "f").write_text("x")
+    c = d.check_disk(tmp_path / "f" / "run")
+    assert c.status == "fail" and f"{tmp_path / 'f'} is a file" in c.detail
 
 
 def test_hf_cache_dir_follows_huggingface_hub_order(tmp_path):

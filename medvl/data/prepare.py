@@ -29,9 +29,11 @@ apart from the duplicate-id set (inputs.py): the reader streams, and at most 2 x
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -284,12 +286,36 @@ def _run_parallel(stream, out: Path, settings: Settings, done: set[int], workers
     # spawn, not fork: the parent may hold torch/tokenizers threads, which fork does not copy safely
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(settings,)) as pool:
-        for k, chunk in _chunks(stream, settings, done, progress):
-            pending.append(pool.submit(process_shard, k, chunk, str(out)))
-            while len(pending) >= 2 * workers:  # bounded in flight: constant memory
-                stats.append(pending.pop(0).result())
-        stats += [f.result() for f in pending]
+        try:
+            for k, chunk in _chunks(stream, settings, done, progress):
+                with _sigint_ignored():  # workers start inside submit(); an ignored signal survives their exec
+                    pending.append(pool.submit(process_shard, k, chunk, str(out)))
+                while len(pending) >= 2 * workers:  # bounded in flight: constant memory
+                    stats.append(pending.pop(0).result())
+            stats += [f.result() for f in pending]
+        except KeyboardInterrupt:
+            # Ctrl-C reaches every process of the terminal; the workers ignore it (each used to print its own
+            # traceback, ~110 lines for 2 workers), the parent stops them. Shards are written whole or not at
+            # all, so the next run continues from the completed ones.
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return stats
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run_strict(stream, out: Path, settings: Settings, done: set[int], progress) -> list[dict]:

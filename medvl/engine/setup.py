@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 from medvl.engine.params import Plan
@@ -137,9 +138,36 @@ def _gradient_checkpointing(model, family: Family, language: bool, vision: bool)
 
 
 def prepare_run_dir(recipe, resume: str | None) -> Path:
+    """Check the model's files and output.dir before any heavy work; the loop creates the run directory only
+    once the model and data have loaded, so a run that fails early leaves no empty run directory behind."""
+    from medvl.engine.checkpoint import check_resumable, list_checkpoints, recipe_changes, resolve_resume
+
+    from medvl.models import check_model_weights
+
+    if not recipe.model.family:
+        detect_family(recipe.model.base)  # a missing or mistyped model.base fails here, in a second, not after
+    check_model_weights(recipe.model.base)  # torch and accelerate have loaded (~10 s); truncated weights too
     run_dir = Path(recipe.output.dir)
-    if resume in (None, "", "no", "none") and run_dir.is_dir() and any(run_dir.iterdir()):
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise MedvlError(f"output.dir {run_dir}: {blocker} is a file, not a directory", where=str(blocker),
+                         fix="choose another output.dir (train writes a run directory there)")
+    if blocker is not None and not os.access(blocker, os.W_OK | os.X_OK):
+        raise MedvlError(f"output.dir {run_dir}: {blocker} is not writable by you", where=str(blocker),
+                         fix="choose an output.dir you can write to")
+    # launch-recipe.yaml is written by `medvl train` just before it starts the processes (engine/launch.py)
+    held_files = [p for p in run_dir.iterdir() if p.name != "launch-recipe.yaml"] if run_dir.is_dir() else []
+    if resume in (None, "", "no", "none") and held_files:
         if not recipe.output.overwrite:
-            raise MedvlError(f"run directory {run_dir} already holds a run", where=str(run_dir),
-                             fix="resume it with --resume auto, choose another output.dir, or set output.overwrite=true")
+            found = list_checkpoints(run_dir)
+            held = (f"{len(found)} checkpoint(s), newest {found[-1].name}" if found else
+                    "a final model" if (run_dir / "final").is_dir() else "files of an earlier run")
+            raise MedvlError(f"run directory {run_dir} already holds a run ({held}); nothing was deleted",
+                             where=str(run_dir),
+                             fix="continue it with --resume auto, choose another output.dir, or start over with "
+                                 "output.overwrite=true (deletes its checkpoints, metrics and final/)")
+    found = resolve_resume(resume, run_dir)
+    if found is not None:  # the checkpoint's own files and settings, checked before the model loads
+        state = check_resumable(found)
+        recipe_changes(state["resume_state"].get("recipe"), recipe, found)
     return run_dir

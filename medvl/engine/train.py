@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medvl.engine import checkpoint as ckpt
+from medvl.engine import guards
 from medvl.engine.batches import build_data, keepalive_sample, make_loader
 from medvl.engine.loss import require_supervision, supervised_tokens, token_loss_sum
 from medvl.engine.metrics import Fanout, JsonlSink, reporting_sinks
@@ -47,9 +48,6 @@ class RunResult:
 
 def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int | None = None) -> RunResult:
     """Run a recipe to the end (or to `stop_after_step`, used by the kill-and-resume test); returns the run."""
-    import torch
-    from accelerate.utils import set_seed
-
     from medvl.config import recipe_to_yaml
     from medvl.data.dataset import verify_recipe_data
 
@@ -59,7 +57,10 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                          f"{recipe.distributed.strategy}: sharded weights would make every rank generate in lockstep",
                          fix="drop eval.every and run `medvl eval` on the checkpoints, or use ddp / deepspeed-zero2")
     bench_set = load_benchmark(recipe) if recipe.eval.every else None
-    run_dir = prepare_run_dir(recipe, resume)
+    run_dir = prepare_run_dir(recipe, resume)  # cheap checks first: torch + accelerate take seconds to import
+    import torch
+    from accelerate.utils import set_seed
+
     accelerator = build_accelerator(recipe)
     if recipe.world_size > 1 and (accelerator.num_processes != recipe.world_size
                                   or accelerator.distributed_type.name == "NO"):
@@ -69,7 +70,6 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     set_seed(recipe.train.seed)
     main = accelerator.is_main_process
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         if not resume and recipe.output.overwrite:
             for stale in ("metrics.jsonl", "checkpoints", "final"):
                 p = run_dir / stale
@@ -95,15 +95,18 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                                 kind=recipe.optim.scheduler, floor=recipe.optim.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     position = _Position()
-    accelerator.register_for_checkpointing(scheduler, position)
+    resumable = ckpt.Resumable(model, optimizer, scheduler, position, recipe)
     ckpt.save_trainable_only(accelerator)
 
     start = 0
     resume_from = ckpt.resolve_resume(resume, run_dir)
+    changes = {}
     if resume_from is not None:
-        ckpt.load_checkpoint(accelerator, resume_from)
+        changes = ckpt.load_checkpoint(accelerator, resume_from, resumable)["recipe_changes"]
         start = position.step
 
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to load leaves no empty folder
     sink = Fanout(list(sinks) + ([JsonlSink(run_dir / "metrics.jsonl", append=resume_from is not None)] if main else []))
     if main and resume_from is None:
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
@@ -116,6 +119,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                   "steps_per_epoch": batch_plan.steps_per_epoch, "samples": len(train_ids),
                   "dropped_per_epoch": batch_plan.dropped_per_epoch(), "table": table,
                   "distributed": accelerator.distributed_type.name, "device": str(accelerator.device)})
+        if changes:
+            sink.log(ckpt.recipe_change_event(start, changes))
 
     tok = tokenizer_of(processor)
     keepalive = keepalive_sample(processor, family) if family.is_vision and _needs_keepalive(recipe, table) else None
@@ -124,7 +129,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     dtype = next(p for p in model.parameters()).dtype
 
     result = RunResult(run_dir, run_dir / "final", start, table=table)
-    guard = _Guard(sink)
+    guard = _Guard(sink, run_dir)
+    collapse = guards.Collapse(accelerator.unwrap_model(model), run_dir)
     micro_iter = iter(loader)
     t_start, tokens_seen, samples_seen, inputs_seen = time.perf_counter(), 0, 0, 0
     model.train()
@@ -152,7 +158,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                     loss = summed / window_tokens * accelerator.num_processes * recipe.train.grad_accum
                 accelerator.backward(loss)
         grad_norm = _clip(accelerator, model, recipe.optim.max_grad_norm)
-        optimizer.step()
+        with guards.optimizer_overflow(step + 1, run_dir):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         position.step = step + 1
@@ -165,6 +172,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         result.losses.append(mean_loss)
         guard.check(step + 1, mean_loss, grad_norm, window_tokens, n_rejected, rejected)
         require_supervision(tokens_seen, step + 1 - start, batch_plan.steps_per_epoch, total_steps - start)
+        collapse.check(step + 1, mean_loss, grad_norm, window_tokens)
         if (step + 1) % recipe.train.log_every == 0 or step + 1 == total_steps or step == start:
             elapsed = time.perf_counter() - t_start
             done = step + 1 - start
@@ -183,7 +191,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
             sink.log(benchmark_eval(model, processor, family, bench_set, recipe, accelerator, run_dir, step + 1))
         if recipe.train.save_every and (step + 1) % recipe.train.save_every == 0 and step + 1 < total_steps:
             path = ckpt.save_checkpoint(accelerator, run_dir, step + 1, _trainer_state(step + 1, accelerator, recipe),
-                                        keep_last=recipe.train.keep_last or 1)
+                                        keep_last=recipe.train.keep_last or 1, resumable=resumable)
             sink.log({"kind": "checkpoint", "step": step + 1, "path": str(path)})
         if stop_after_step is not None and step + 1 >= stop_after_step:
             result.steps = step + 1
@@ -198,7 +206,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         sink.log({"kind": "eval", "step": total_steps, "eval_loss": round(v, 6)})
     if recipe.train.save_every:
         ckpt.save_checkpoint(accelerator, run_dir, total_steps, _trainer_state(total_steps, accelerator, recipe),
-                             keep_last=recipe.train.keep_last or 1)
+                             keep_last=recipe.train.keep_last or 1, resumable=resumable)
     save_final(accelerator, model, processor, recipe, run_dir / "final", table)
     sink.log({"kind": "end", "step": total_steps, "final_dir": str(run_dir / "final"),
               "wall_s": round(time.perf_counter() - t_start, 2)})
@@ -266,8 +274,9 @@ def _recipe_sha256(recipe) -> str:
 class _Guard:
     """Stops on NaN/inf with a diagnosis; warns on windows with nothing to learn and on a loss stuck at zero."""
 
-    def __init__(self, sink):
+    def __init__(self, sink, run_dir):
         self.sink = sink
+        self.run_dir = run_dir
         self.zero_run = 0
 
     def check(self, step, loss, grad_norm, tokens, n_rejected, rejected):
@@ -279,11 +288,7 @@ class _Guard:
             return
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
-            raise MedvlError(
-                f"the {what} became {loss if what == 'loss' else grad_norm} at step {step}; training stopped, "
-                "the last saved checkpoint is intact",
-                fix="lower optim.lr or raise warmup; with fp16 switch to bf16; with flash attention try sdpa; "
-                    "resume from the last checkpoint with --resume auto")
+            raise guards.diverged(f"the {what} became {loss if what == 'loss' else grad_norm}", step, self.run_dir)
         self.zero_run = self.zero_run + 1 if loss == 0.0 else 0
         if self.zero_run == 3:
             self.sink.log({"kind": "warning", "step": step, "code": "loss_zero",
@@ -308,7 +313,8 @@ def save_final(accelerator, model, processor, recipe, out: Path, table) -> None:
             (tmp / "medvl_run.json").write_text(json.dumps({
                 "recipe": json.loads(recipe.model_dump_json()), "versions": library_versions(),
                 "trainability": table, "base_model": recipe.model.base, "method": recipe.method,
-                "data_manifests": _manifest_hashes(recipe)}, indent=2))
+                "data_manifests": _manifest_hashes(recipe),
+                "recipe_changes": ckpt.recipe_change_history(out.parent)}, indent=2))
     accelerator.wait_for_everyone()
 
 
