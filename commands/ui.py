@@ -201,7 +201,10 @@ class TrainConsole:
         spark = _sparkline(self.losses[-(inner - 16):])
         if spark:
             body.append(Text(f"loss {spark}", style="cyan", no_wrap=True, overflow="ellipsis"))
-        body += [Text.from_markup(line, overflow="ellipsis", no_wrap=True) for line in self.lines]
+        for line in self.lines:
+            note = Text.from_markup(line, overflow="ellipsis")
+            note.no_wrap = True
+            body.append(note)
         title = f"medvl train  {s.recipe or ''}" if s else "medvl train"
         return Panel(Group(*body), title=title, title_align="left", border_style="blue")
 
