@@ -49,6 +49,8 @@ from medvl.commands import evaluate as _evaluate  # noqa: E402
 from medvl.commands import recipes as _recipes  # noqa: E402
 from medvl.commands import tiny as _tiny  # noqa: E402
 from medvl.commands import train as _train  # noqa: E402
+from medvl.commands import plot as _plot  # noqa: E402
+from medvl.commands import watch as _watch  # noqa: E402
 
 COMMANDS = {  # in the order of the recipe; `medvl --help` lists them so
     "doctor": _doctor.doctor,
@@ -56,6 +58,8 @@ COMMANDS = {  # in the order of the recipe; `medvl --help` lists them so
     "prepare-data": _prepare.prepare_data,
     "inspect-data": _prepare.inspect_data,
     "train": _train.train,
+    "watch": _watch.watch,
+    "plot": _plot.plot,
     "eval": _evaluate.evaluate,
     "export": _export.export,
     "tiny": _tiny.tiny,

@@ -4,7 +4,8 @@ import io
 
 from rich.console import Console
 
-from medvl.commands.ui import TrainConsole, _console, rate
+from medvl.commands.ui import TrainConsole, _console
+from medvl.tui.text import rate
 from medvl.engine.metrics import CheckpointEvent, EndEvent, EvalEvent, StartEvent, TrainEvent
 
 

@@ -113,8 +113,9 @@ def smooth(values: list[float], weight: float, stride: int = 1) -> list[float]:
 class RunHistory:
     """Everything a reader shows about one run directory, updated by `poll()`."""
 
-    def __init__(self, run_dir: str | Path, *, ignore_existing: bool = False):
+    def __init__(self, run_dir: str | Path, *, ignore_existing: bool = False, exact: bool = False):
         self.run_dir = Path(run_dir)
+        self.exact = exact  # parse every line even of a big file (`medvl plot`: slower, no sampled stretch)
         self.path = self.run_dir / "metrics.jsonl"
         self.ignore_ident = self._ident() if ignore_existing else None  # `train --tui`: the old run's file
         self._reset()
@@ -129,6 +130,7 @@ class RunHistory:
         self.resumes: list[int] = []
         self.checkpoints: deque[CheckpointEvent] = deque(maxlen=100)
         self.events: deque[Event] = deque(maxlen=300)  # non-train events, newest last
+        self.events_total = 0  # how many were ever appended (a reader shows the ones it has not seen)
         self.bad_lines = 0
         self.sampled_before: int | None = None
         self.gone = False
@@ -166,7 +168,7 @@ class RunHistory:
             had = self.offset > 0
             self._reset()
             self.ident = ident
-            if size > FULL_READ_BYTES:
+            if size > FULL_READ_BYTES and not self.exact:
                 self._open_large(size)
             changed = had
         else:
@@ -252,6 +254,7 @@ class RunHistory:
                 self._add(f"gpu_util/{i}", e.step, v)
             return
         self.events.append(e)
+        self.events_total += 1
         if isinstance(e, StartEvent):
             if self.current is not None and previous_time is not None and self._segment_start is not None:
                 self._previous_segments += max(0.0, previous_time - self._segment_start)
@@ -344,3 +347,47 @@ def writer_alive(start: StartEvent) -> bool | None:
     except OSError:
         return True  # exists, owned by someone else
     return True
+
+
+@dataclass
+class Line:
+    """One drawn line: a run's series, raw or smoothed, cut to the zoom window (what both the dashboard and
+    `medvl plot` draw, so they agree)."""
+
+    run: int
+    label: str
+    steps: list[float]
+    values: list[float]
+    raw: bool = False
+
+
+def run_labels(runs: list[RunHistory]) -> list[str]:
+    """Run directory names, with their parent where two runs share a name."""
+    names = [h.run_dir.name or str(h.run_dir) for h in runs]
+    return [f"{h.run_dir.parent.name}/{n}" if names.count(n) > 1 else n for h, n in zip(runs, names)]
+
+
+def lines_for(runs: list[RunHistory], metric: Metric, *, smoothing: float = 0.6, last: int | None = None,
+              log: bool = False) -> list[Line]:
+    out = []
+    for i, (h, run_label) in enumerate(zip(runs, run_labels(runs))):
+        for name, s in h.series_for(metric):
+            steps, values = s.points()
+            if last and steps:
+                lo = steps[-1] - last
+                keep = [j for j, x in enumerate(steps) if x >= lo]
+                steps, values = [steps[j] for j in keep], [values[j] for j in keep]
+            if log:
+                keep = [j for j, v in enumerate(values) if v > 0]
+                steps, values = [steps[j] for j in keep], [values[j] for j in keep]
+            if not steps:
+                continue
+            part = name[len(metric.prefix) + 1:] if name != metric.prefix else ""
+            part = f"device {part}" if metric.key in ("memory", "gpu") and part else part
+            label = " ".join(p for p in (run_label if len(runs) > 1 else "", part) if p) or metric.title
+            if metric.smoothed and smoothing > 0:
+                out.append(Line(i, label + " (raw)", steps, values, raw=True))
+                out.append(Line(i, label, steps, smooth(values, smoothing, s.stride)))
+            else:
+                out.append(Line(i, label, steps, values))
+    return out

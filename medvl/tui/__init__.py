@@ -1,0 +1,1 @@
+"""Textual apps: the training dashboard (dashboard.py) and the image chat."""
