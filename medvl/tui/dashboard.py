@@ -226,17 +226,23 @@ class Dashboard(App[str]):
         return f"training ended (exit code {code}); output: {self.trainer.log_path}; run: {run_dir}"
 
 
-def train_with_dashboard(recipe: str, overrides: list[str], resume: str | None, run_dir: str | Path,
-                         *, headless: bool = False) -> str:
-    """`medvl train --tui`: start training as a background process, show the dashboard on its run directory,
-    and return what to tell the user when the dashboard closes (stopped, or left running and how to re-attach)."""
+def dashboard_for_training(recipe: str, overrides: list[str], resume: str | None, run_dir: str | Path,
+                           **kwargs) -> Dashboard:
+    """Start `medvl train RECIPE k=v ...` as a background process and return the dashboard on its run directory."""
     from medvl.engine.background import BackgroundRun
 
     # Without --resume the directory may still hold the previous run's metrics.jsonl until the new run
     # replaces it: the dashboard notes that file before training starts and shows "waiting" until it changes.
-    app = Dashboard([run_dir], ignore_existing=not resume)
-    app.trainer = trainer = BackgroundRun(recipe, overrides, resume)
-    message = app.run(headless=headless)
-    if message is None:  # closed some other way (e.g. Ctrl-C): say where training is
-        message = app._exit_message("left running" if trainer.poll() is None else "ended")
+    app = Dashboard([run_dir], ignore_existing=not resume, **kwargs)
+    app.trainer = BackgroundRun(recipe, overrides, resume)
+    return app
+
+
+def train_with_dashboard(recipe: str, overrides: list[str], resume: str | None, run_dir: str | Path) -> str:
+    """`medvl train --tui`: returns what to tell the user once the dashboard closes (training stopped, or left
+    running and how to re-attach)."""
+    app = dashboard_for_training(recipe, overrides, resume, run_dir)
+    message = app.run()
+    if message is None:  # closed some other way: say where training is
+        message = app._exit_message("left running" if app.trainer.poll() is None else "ended")
     return message

@@ -108,6 +108,7 @@ class MetricChart(PlotextPlot):
         if not lines:
             title += ": nothing logged yet"
         plt.title(title)
+        self.drawn, self.title_text = lines, title  # what is on screen (tests read it)
         plt.xlabel("step")
         if log and lines:
             plt.yscale("log")
