@@ -89,20 +89,27 @@ class Dashboard(App[str]):
         return METRICS[self.metric_index]
 
     def compose(self) -> ComposeResult:
-        yield RunHeader(id="header")
+        # kept as attributes: the poll timer must reach them while the quit dialog is the active screen
+        self.header = RunHeader(id="header")
+        self.bars = [RunProgress(i, classes="run-progress") for i in range(len(self.runs))]
+        self.chart = MetricChart(id="chart")
+        self.values = ValuesPanel(id="values")
+        self.checkpoints = CheckpointTable(id="checkpoints")
+        self.event_log = EventLog(id="events")
+        yield self.header
         with Vertical(id="progress"):
-            for i in range(len(self.runs)):
-                yield RunProgress(i, classes="run-progress")
+            yield from self.bars
         with Horizontal(id="main"):
-            yield MetricChart(id="chart")
+            yield self.chart
             with Vertical(id="side"):
-                yield ValuesPanel(id="values")
-                yield CheckpointTable(id="checkpoints")
-        yield EventLog(id="events")
+                yield self.values
+                yield self.checkpoints
+        yield self.event_log
         yield Footer()
 
     def on_mount(self) -> None:
         self.refresh_all(force=True)
+        self.call_after_refresh(self.refresh_all, True)  # once every child is mounted
         self.set_interval(self.poll_s, self.refresh_all)
 
     # ---------------------------------------------------------------------------------------------- redraw
@@ -115,20 +122,20 @@ class Dashboard(App[str]):
                 self._trainer_ended(self._trainer_code)
         now = time.time()
         versions = [(h.version, h.status(), h.events_total) for h in self.runs]
-        for bar, h in zip(self.query(RunProgress), self.runs):
+        for bar, h in zip(self.bars, self.runs):
             bar.show(h, now)  # elapsed and ETA move on every poll
-        self.query_one(RunHeader).show(self.runs, self._trainer_line())
+        self.header.show(self.runs, self._trainer_line())
         if not force and versions == self._versions:
             return
         self._versions = versions
         self.redraw_chart()
-        self.query_one(ValuesPanel).show(self.runs, now)
-        self.query_one(CheckpointTable).show(self.runs)
-        self.query_one(EventLog).show(self.runs)
+        self.values.show(self.runs, now)
+        self.checkpoints.show(self.runs)
+        self.event_log.show(self.runs)
 
     def redraw_chart(self) -> None:
-        self.query_one(MetricChart).draw(self.runs, self.metric, smoothing=self.smoothing,
-                                         last=ZOOM[self.zoom_index], log=self.log_scale)
+        self.chart.draw(self.runs, self.metric, smoothing=self.smoothing, last=ZOOM[self.zoom_index],
+                        log=self.log_scale)
 
     def _trainer_line(self) -> str:
         if self.trainer is None:
@@ -138,7 +145,7 @@ class Dashboard(App[str]):
         return f"training process ended with exit code {self._trainer_code}; output {self.trainer.log_path}"
 
     def _trainer_ended(self, code: int) -> None:
-        log = self.query_one(EventLog)
+        log = self.event_log
         if code == 0:
             log.write("[green]training process finished[/]")
             return

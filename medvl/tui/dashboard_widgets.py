@@ -63,6 +63,8 @@ class RunProgress(Horizontal):
         yield Static("", classes="progress-label", id=f"progress-{self.index}")
 
     def show(self, h: RunHistory, now: float | None = None) -> None:
+        if not self.query(".progress-label"):
+            return  # not composed yet (the app's first refresh can come before its children mount)
         total, step = h.total_steps, h.step
         self.query_one(ProgressBar).update(total=total, progress=step)
         epoch = f"  epoch {h.last.epoch:.2f}" if h.last is not None and h.last.epoch is not None else ""
