@@ -183,3 +183,29 @@ def test_a_failed_training_process_shows_its_last_lines(tmp_path):
         return app
 
     assert "exit code 2" in asyncio.run(scenario()).return_value
+
+
+def test_a_long_run_opens_quickly_then_gets_its_complete_history(tmp_path, monkeypatch):
+    from medvl.engine import history
+
+    monkeypatch.setattr(history, "FULL_READ_BYTES", 64 << 10)
+    monkeypatch.setattr(history, "TAIL_BYTES", 16 << 10)
+    t = Trainer(tmp_path / "long", steps=6000, delay=0)
+    t.go.set()
+    t.write()
+
+    async def scenario():
+        app = Dashboard([tmp_path / "long"], poll_s=0.05)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await _until(pilot, lambda: app.runs[0].step == 6000)
+            first = app.runs[0]
+            # quick: evals only where a sampled line or the tail happened to hold one
+            assert first.sampled_before and len(first.series["eval_loss"]) < 250
+            await _until(pilot, lambda: app.runs[0] is not first)
+            full = app.runs[0]
+            assert len(full.series["eval_loss"]) == 300 and len(full.checkpoints) == 100 and full.step == 6000
+            await pilot.pause(0.2)
+            log_text = "\n".join(str(line.text) for line in app.event_log.lines)
+            assert log_text.count("step-006000") == 1  # the swap re-wrote the log, no duplicates
+
+    asyncio.run(scenario())

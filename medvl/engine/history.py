@@ -3,10 +3,13 @@ dashboard and `medvl plot` draw. Bounded memory and a fast open, whatever the ru
 
 - Each metric is a `Series` of at most 4,096 points in two float arrays; when full, neighbouring pairs are
   averaged (the stride doubles). A 500k-step run costs the same memory as a 5k-step one.
-- Opening a big file does not parse every line (json.loads is ~2.7 us a line here: 1.4 s for 500k lines).
-  Every non-train line (start, eval, checkpoint, warning, stop, end) is found by one regex pass over the bytes;
-  train lines are sampled at 2,000 evenly spaced offsets, 4 consecutive lines each, and the last 4 MB
-  (~13k lines) are read in full. `sampled_before` says up to which step the curve is sampled.
+- Opening a big file does not parse every line (parsing and typing one event costs 8-30 us here, depending on
+  the load of this shared 2-core box: 4-15 s for 500k lines). Every non-train line (start, eval, checkpoint,
+  warning, stop, end) is found by one regex pass over the bytes, read in 8 MB chunks; train lines are sampled
+  at 1,000 evenly spaced offsets, 2 consecutive lines each, and the last 512 KB (~1,700 lines) are read in
+  full: about 4k parsed lines whatever the length. `sampled_before` says up to which step it is sampled.
+  With `quick=True` the regex pass is skipped (train curves and progress only, ~0.1 s for 500k lines) and
+  `incomplete` is set: the dashboard shows that at once and swaps in a complete history read in a thread.
 - Tailing: `poll()` reads only the bytes added since the last call and keeps a half-written last line for
   the next poll; a file that shrinks or is replaced (a new run with overwrite) is read again from the start;
   a run directory that disappears keeps what was read and reports `gone`.
@@ -30,11 +33,12 @@ from medvl.engine.metrics import (CheckpointEvent, EndEvent, EvalEvent, Event, S
                                   parse_line)
 
 SERIES_CAP = 4096
-FULL_READ_BYTES = 16 << 20  # below this, parse every line (~50k lines, ~0.15 s)
-TAIL_BYTES = 4 << 20
-SAMPLES = 2000
+FULL_READ_BYTES = 2 << 20  # below this, parse every line (~6.5k train lines of 310 bytes)
+TAIL_BYTES = 512 << 10
+SAMPLES = 1000
+CHUNK = 8 << 20
 STALE_S = 600  # a run on another host with no event for 10 min is shown as "no update"
-_NOT_TRAIN = re.compile(rb'"kind": "(?!train")')
+_NOT_TRAIN = re.compile(rb'"kind": "(?:[^t]|t(?!rain"))')  # any kind but train
 
 
 class Series:
@@ -113,8 +117,10 @@ def smooth(values: list[float], weight: float, stride: int = 1) -> list[float]:
 class RunHistory:
     """Everything a reader shows about one run directory, updated by `poll()`."""
 
-    def __init__(self, run_dir: str | Path, *, ignore_existing: bool = False, exact: bool = False):
+    def __init__(self, run_dir: str | Path, *, ignore_existing: bool = False, exact: bool = False,
+                 quick: bool = False):
         self.run_dir = Path(run_dir)
+        self.quick = quick
         self.exact = exact  # parse every line even of a big file (`medvl plot`: slower, no sampled stretch)
         self.path = self.run_dir / "metrics.jsonl"
         self.ignore_ident = self._ident() if ignore_existing else None  # `train --tui`: the old run's file
@@ -133,6 +139,7 @@ class RunHistory:
         self.events_total = 0  # how many were ever appended (a reader shows the ones it has not seen)
         self.bad_lines = 0
         self.sampled_before: int | None = None
+        self.incomplete = False  # a quick open skipped the rare events of the sampled stretch
         self.gone = False
         self.offset = 0
         self.ident = None
@@ -198,24 +205,38 @@ class RunHistory:
             self.apply(event)
 
     def _open_large(self, size: int) -> None:
-        import mmap
-
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            head_end = mm.rfind(b"\n", 0, max(0, size - TAIL_BYTES)) + 1
-            found: dict[int, bytes] = {}
-            for m in _NOT_TRAIN.finditer(mm, 0, head_end):
-                begin = mm.rfind(b"\n", 0, m.start()) + 1
-                found[begin] = mm[begin:mm.find(b"\n", m.start())]
-            pos, step_bytes = 0, max(1, head_end // SAMPLES)
-            for target in range(0, head_end, step_bytes):
-                pos = max(pos, mm.rfind(b"\n", 0, target) + 1)
-                for _ in range(4):
-                    if pos >= head_end:
+        found: dict[int, bytes] = {}  # byte offset -> line, applied in file order
+        with open(self.path, "rb") as f:
+            f.seek(size - TAIL_BYTES)
+            newline = f.read(1 << 16).find(b"\n")
+            if newline < 0:
+                return  # no line break near the tail (a huge line): read everything normally
+            head_end = size - TAIL_BYTES + newline + 1
+            f.seek(0)
+            pos, carry = (head_end, b"") if self.quick else (0, b"")
+            self.incomplete = self.quick
+            while pos < head_end:  # every non-train event, chunk by chunk (bounded memory)
+                chunk = f.read(min(CHUNK, head_end - pos))
+                if not chunk:
+                    break
+                buf, base = carry + chunk, pos - len(carry)
+                cut = buf.rfind(b"\n") + 1
+                for m in _NOT_TRAIN.finditer(buf, 0, cut):
+                    begin = buf.rfind(b"\n", 0, m.start()) + 1
+                    found[base + begin] = buf[begin:buf.find(b"\n", m.start())]
+                carry, pos = buf[cut:], pos + len(chunk)
+            for target in range(0, head_end, max(1, head_end // SAMPLES)):  # sampled train lines
+                f.seek(target)
+                data = f.read(4096)
+                start = 0 if target == 0 else data.find(b"\n") + 1
+                if target and not start:
+                    continue  # no line starts within 4 KB of here
+                for _ in range(2):
+                    end = data.find(b"\n", start)
+                    if end < 0 or target + start >= head_end:
                         break
-                    end = mm.find(b"\n", pos)
-                    if pos not in found:
-                        found[pos] = mm[pos:end]
-                    pos = end + 1
+                    found.setdefault(target + start, data[start:end])
+                    start = end + 1
         last_train_step = None
         for _, line in sorted(found.items()):
             event = parse_line(line)

@@ -161,25 +161,28 @@ class OtherEvent(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {c.KIND: c for c in (StartEvent, TrainEvent, EvalEvent, WarningEvent,
                                                               CheckpointEvent, EndEvent, StopEvent)}
-_HINTS: dict[type, dict[str, str]] = {}
 
 
-def _coerce(value, hint: str):
-    """The value if it fits the field's type (ints read as floats where a float is expected), else None."""
-    if value is None:
-        return None
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint.startswith("float"):
-        return float(value) if number else None
-    if hint.startswith("int"):
-        return int(value) if number and math.isfinite(value) else None
-    if hint.startswith("str"):
-        return value if isinstance(value, str) else str(value) if number else None
-    if hint.startswith("list"):
-        return value if isinstance(value, list) else None
-    if hint.startswith("dict"):
-        return value if isinstance(value, dict) else None
-    return value
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# One converter per field type: the value if it fits (ints read as floats where a float is expected), else None.
+_CONVERT = {
+    "float": lambda v: float(v) if _number(v) else None,
+    "int": lambda v: int(v) if _number(v) and math.isfinite(v) else None,
+    "str": lambda v: v if isinstance(v, str) else str(v) if _number(v) else None,
+    "list": lambda v: v if isinstance(v, list) else None,
+    "dict": lambda v: v if isinstance(v, dict) else None,
+}
+_FIELDS: dict[type, dict] = {}
+
+
+def _converters(cls: type[Event]) -> dict:
+    conv = _FIELDS.get(cls)
+    if conv is None:  # annotations are strings ("float | None"): the first word names the type
+        conv = _FIELDS[cls] = {f.name: _CONVERT[str(f.type).split(" ")[0]] for f in fields(cls) if f.name != "extra"}
+    return conv
 
 
 def event_from_dict(raw: dict) -> Event:
@@ -189,20 +192,17 @@ def event_from_dict(raw: dict) -> Event:
     kind = raw.get("kind")
     cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        return OtherEvent(name=str(kind), time=_coerce(raw.get("time"), "float"), step=_coerce(raw.get("step"), "int"),
+        return OtherEvent(name=str(kind), time=_CONVERT["float"](raw.get("time")),
+                          step=_CONVERT["int"](raw.get("step")),
                           extra={k: v for k, v in raw.items() if k not in ("kind", "time", "step")})
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = {f.name: str(f.type) for f in fields(cls) if f.name != "extra"}
+    conv = _converters(cls)
     kwargs, extra = {}, {}
     for k, v in raw.items():
-        if k == "kind":
-            continue
-        if k in hints:
-            value = _coerce(v, hints[k])
-            if value is not None:
+        c = conv.get(k)
+        if c is not None:
+            if v is not None and (value := c(v)) is not None:
                 kwargs[k] = value
-        else:
+        elif k != "kind":
             extra[k] = v
     return cls(extra=extra, **kwargs)
 

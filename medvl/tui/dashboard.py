@@ -73,7 +73,9 @@ class Dashboard(App[str]):
     def __init__(self, run_dirs: list[str | Path], *, trainer=None, ignore_existing: bool = False,
                  metric: str = "loss", smoothing: float = 0.6, poll_s: float = POLL_S):
         super().__init__()
-        self.runs = [RunHistory(d, ignore_existing=ignore_existing) for d in run_dirs]
+        # quick: a long file opens with its train curves at once; the complete history (evals, checkpoints,
+        # resumes of the sampled stretch) is read in a thread and swapped in (a 500k-step file: ~0.1 s vs ~0.7 s)
+        self.runs = [RunHistory(d, ignore_existing=ignore_existing, quick=True) for d in run_dirs]
         self.trainer = trainer  # a medvl.engine.background.BackgroundRun for `train --tui`, else None
         self.metric_index = next((i for i, m in enumerate(METRICS) if m.key == metric), 0)
         self.smoothing = smoothing
@@ -114,8 +116,12 @@ class Dashboard(App[str]):
 
     # ---------------------------------------------------------------------------------------------- redraw
     def refresh_all(self, force: bool = False) -> None:
-        for h in self.runs:
+        for i, h in enumerate(self.runs):
             h.poll()
+            if h.incomplete:
+                h.incomplete = False
+                # after the first frame is on screen: the reading thread competes with it for the GIL
+                self.set_timer(0.3, lambda i=i: self._complete_history(i))
         if self.trainer is not None and self._trainer_code is None:
             self._trainer_code = self.trainer.poll()
             if self._trainer_code is not None:
@@ -132,6 +138,19 @@ class Dashboard(App[str]):
         self.values.show(self.runs, now)
         self.checkpoints.show(self.runs)
         self.event_log.show(self.runs)
+
+    @work(thread=True)
+    def _complete_history(self, index: int) -> None:
+        full = RunHistory(self.runs[index].run_dir)
+        full.poll()
+        self.call_from_thread(self._swap_history, index, full)
+
+    def _swap_history(self, index: int, full: RunHistory) -> None:
+        full.poll()  # catch up with what was written meanwhile
+        self.runs[index] = full
+        self.event_log.clear()
+        self.event_log.reset()
+        self.refresh_all(force=True)
 
     def redraw_chart(self) -> None:
         self.chart.draw(self.runs, self.metric, smoothing=self.smoothing, last=ZOOM[self.zoom_index],

@@ -180,6 +180,9 @@ class EventLog(RichLog):
         super().__init__(markup=True, wrap=True, max_lines=500, **kwargs)
         self._shown: dict[int, int] = {}  # per run: events_total already written
 
+    def reset(self) -> None:
+        self._shown = {}
+
     def show(self, runs: list[RunHistory]) -> None:
         for i, (h, label) in enumerate(zip(runs, run_labels(runs))):
             seen = self._shown.get(i, 0)
