@@ -6,7 +6,7 @@ the run. With `medvl train --tui` it also holds the background training process 
 closing then asks whether to stop training or leave it running, and says how to re-attach.
 
 Keys: m / M next / previous metric (or 1-9), l log scale, s / S more / less smoothing, z zoom to the last N
-steps, p save the charts as a PNG next to the run, q quit.
+steps, p save the charts as a PNG next to the run, ctrl+s save this screen as an SVG next to the run, q quit.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class Dashboard(App[str]):
         Binding("S", "smoothing(-1)", "less smoothing", show=False), Binding("z", "zoom", "zoom last N"),
         Binding("p", "save_png", "save PNG"), Binding("q", "quit_dashboard", "quit"),
         Binding("ctrl+q,ctrl+c", "quit_dashboard", show=False, priority=True),
+        Binding("ctrl+s", "save_svg", show=False),
         *[Binding(str(i + 1), f"pick({i})", show=False) for i in range(len(METRICS))],
     ]
 
@@ -219,6 +220,12 @@ class Dashboard(App[str]):
             return
         self.saved.append(out)
         self.call_from_thread(self.notify, f"saved {out}", timeout=6)
+
+    def action_save_svg(self) -> None:
+        run_dir = self.runs[0].run_dir
+        folder = run_dir if run_dir.is_dir() else Path.cwd()
+        name = self.save_screenshot(f"dashboard-{time.strftime('%Y%m%d-%H%M%S')}.svg", str(folder))
+        self.notify(f"saved {name}", timeout=6)
 
     def action_quit_dashboard(self) -> None:
         if self.trainer is None or self.trainer.poll() is not None:
