@@ -165,6 +165,9 @@ class Dashboard(App[str]):
         return f"training process ended with exit code {self._trainer_code}; output {self.trainer.log_path}"
 
     def _trainer_ended(self, code: int) -> None:
+        if isinstance(self.screen, QuitScreen):  # the user was leaving anyway; the question is moot now
+            self.exit(self._exit_message("ended"))
+            return
         log = self.event_log
         if code == 0:
             log.write("[green]training process finished[/]")

@@ -112,10 +112,23 @@ class MetricChart(PlotextPlot):
         plt.title(title)
         self.drawn, self.title_text = lines, title  # what is on screen (tests read it)
         plt.xlabel("step")
+        if lines:
+            ticks = step_ticks(min(ln.steps[0] for ln in lines), max(ln.steps[-1] for ln in lines))
+            plt.xticks(ticks, [f"{t / 1000:g}k" if t >= 10_000 else f"{t:,}" for t in ticks])
         if log and lines:
             plt.yscale("log")
         self.refresh()
         return len(lines)
+
+
+def step_ticks(lo: float, hi: float, n: int = 5) -> list[int]:
+    """About n round step numbers across [lo, hi] (1, 2 or 5 times a power of ten apart)."""
+    span = max(hi - lo, 1.0)
+    raw = span / max(n - 1, 1)
+    power = 10 ** max(0, len(str(int(raw))) - 1)
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = int(-(-lo // step) * step)
+    return list(range(first, int(hi) + 1, step)) or [int(lo)]
 
 
 class ValuesPanel(Static):
@@ -162,15 +175,15 @@ class CheckpointTable(DataTable):
     def show(self, runs: list[RunHistory]) -> None:
         if self._runs != len(runs) or not self.columns:
             self.clear(columns=True)
-            self.add_columns(*(["run"] if len(runs) > 1 else []), "checkpoint", "size", "kept")
+            self.add_columns(*([""] if len(runs) > 1 else []), "checkpoint", "size", "kept")
             self._runs = len(runs)
         self.clear()
-        for h, label in zip(runs, run_labels(runs)):
+        for i, h in enumerate(runs):
             kept = h.kept_checkpoints()
             for c in reversed(h.checkpoints):
                 size = "-" if c.size_bytes is None else f"{c.size_bytes / 1e6:,.1f} MB"
                 row = [f"step {c.step:,}" if c.step is not None else "-", size, "yes" if c.step in kept else "no"]
-                self.add_row(*([label] if len(runs) > 1 else []), *row)
+                self.add_row(*([Text("●", style=colour(i, rich=True))] if len(runs) > 1 else []), *row)
 
 
 class EventLog(RichLog):
