@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from medvl.engine.history import METRICS, Metric, RunHistory, lines_for, run_labels
+from medvl.engine.curves import METRICS, Metric, lines_for, run_labels
+from medvl.engine.history import RunHistory
 from medvl.errors import MedvlError
 
 FORMATS = (".png", ".svg", ".pdf")

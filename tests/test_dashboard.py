@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from medvl.engine.history import METRICS
+from medvl.engine.curves import METRICS
 from medvl.engine.metrics import (CheckpointEvent, EvalEvent, Fanout, JsonlSink, StartEvent, TrainEvent, WarningEvent,
                                   process_facts)
 from medvl.tui.dashboard import Dashboard, QuitScreen

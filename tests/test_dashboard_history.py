@@ -7,7 +7,8 @@ import shutil
 import subprocess
 import sys
 
-from medvl.engine.history import SERIES_CAP, METRICS, RunHistory, Series, lines_for, smooth
+from medvl.engine.curves import METRICS, lines_for, smooth
+from medvl.engine.history import SERIES_CAP, RunHistory, Series
 from medvl.engine.metrics import (EndEvent, EvalEvent, Fanout, JsonlSink, StartEvent, StopEvent, TrainEvent,
                                   process_facts)
 

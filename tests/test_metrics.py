@@ -7,7 +7,8 @@ import pytest
 
 from medvl.engine.metrics import (CheckpointEvent, EvalEvent, Fanout, JsonlSink, ListSink, OtherEvent, StartEvent,
                                   StopEvent, TrainEvent, event_from_dict, parse_line, read_events, read_metrics,
-                                  record_stop, reporting_sinks, scalars)
+                                  record_stop, scalars)
+from medvl.engine.trackers import reporting_sinks
 from medvl.errors import MedvlError
 
 

@@ -26,8 +26,8 @@ from medvl.engine import checkpoint as ckpt
 from medvl.engine.batches import build_data, keepalive_sample, make_loader
 from medvl.engine.loss import supervised_tokens, token_loss_sum
 from medvl.engine.metrics import (CheckpointEvent, EndEvent, EvalEvent, Fanout, JsonlSink, StartEvent, TrainEvent,
-                                  device_stats, dir_size, process_facts, record_stop, reporting_sinks,
-                                  trainable_params)
+                                  device_stats, dir_size, process_facts, record_stop, trainable_params)
+from medvl.engine.trackers import reporting_sinks
 from medvl.engine.optim import build_optimizer, build_scheduler
 from medvl.engine.params import apply_plan, param_groups, rows_as_dicts, trainability
 from medvl.engine.setup import build_accelerator, load_for_training, plan_from_recipe, prepare_run_dir

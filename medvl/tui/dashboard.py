@@ -20,9 +20,10 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Footer, Label, Static
+from textual.widgets import Button, Footer, Label
 
-from medvl.engine.history import METRICS, RunHistory
+from medvl.engine.curves import METRICS
+from medvl.engine.history import RunHistory
 from medvl.tui.dashboard_widgets import (CheckpointTable, EventLog, MetricChart, RunHeader, RunProgress,
                                          ValuesPanel)
 

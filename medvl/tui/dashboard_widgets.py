@@ -12,7 +12,8 @@ from textual.widgets import DataTable, ProgressBar, RichLog, Static
 from textual_plotext import PlotextPlot
 
 from medvl.tui.text import describe, duration, rate
-from medvl.engine.history import Metric, RunHistory, lines_for, run_labels
+from medvl.engine.curves import Metric, lines_for, run_labels
+from medvl.engine.history import RunHistory
 
 # plotext colour names, one per run; the header's legend uses the same order (rich understands these names)
 RUN_COLOURS = ("cyan", "orange", "green", "magenta", "blue", "red")
