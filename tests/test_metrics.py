@@ -109,3 +109,27 @@ def test_resume_is_marked_and_reads_as_one_curve(tiny_dir, prepared_vqa, tmp_pat
     steps, _ = h.series["loss"].points()
     assert steps == [1, 2, 3, 4, 5, 6] and h.resumes == [3] and h.status() == "finished"
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["kind"] == "end"
+
+
+def test_a_nan_stop_leaves_its_diagnosis_for_the_dashboard(tiny_dir, prepared_text, tmp_path, monkeypatch):
+    import medvl.engine.train as engine
+    from medvl.config import load_recipe
+    from medvl.engine.history import RunHistory
+
+    real = engine.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, family, batch):
+        calls["n"] += 1
+        return real(model, family, batch) * (float("nan") if calls["n"] >= 3 else 1.0)
+
+    monkeypatch.setattr(engine, "token_loss_sum", poisoned)
+    r = load_recipe("tiny_cpu", [f"model.base={tiny_dir('causal-lm')}", f"data.train=[{prepared_text}]",
+                                 f"output.dir={tmp_path / 'run'}", "train.max_steps=6", "train.save_every=null",
+                                 "train.eval_every=null", "data.val_fraction=null", "train.log_every=1"])
+    with pytest.raises(MedvlError):
+        engine.train(r)
+    h = RunHistory(tmp_path / "run")
+    h.poll()
+    assert h.status() == "stopped" and "nan at step 3" in h.stop.message and h.stop.fix
+    assert h.step == 2 and [e.kind for e in h.events][-1] == "stop"
