@@ -150,7 +150,11 @@ class RunHistory:
             self._reset()
             self.ident = ident
             if size > FULL_READ_BYTES and not self.exact:
-                self._open_large(size)
+                try:
+                    self._open_large(size)
+                except OSError:  # removed or replaced while being opened: the next poll starts again
+                    self._reset()
+                    return had
             changed = had
         else:
             changed = False

@@ -141,7 +141,7 @@ class Dashboard(App[str]):
         self.checkpoints.show(self.runs)
         self.event_log.show(self.runs)
 
-    @work(thread=True)
+    @work(thread=True, exit_on_error=False)
     def _complete_history(self, index: int) -> None:
         full = RunHistory(self.runs[index].run_dir)
         full.poll()
@@ -207,7 +207,7 @@ class Dashboard(App[str]):
         self.notify("saving the charts as PNG ...", timeout=2)
         self._save_png()
 
-    @work(thread=True, exclusive=True)
+    @work(thread=True, exclusive=True, exit_on_error=False)
     def _save_png(self) -> None:
         from medvl.errors import MedvlError
         from medvl.plot import save_plot
@@ -219,7 +219,7 @@ class Dashboard(App[str]):
                 raise MedvlError(f"{run_dir} does not exist (yet)")
             save_plot(self.runs, out, smoothing=self.smoothing, last=ZOOM[self.zoom_index],
                       log=(self.metric.key,) if self.log_scale else ())
-        except (MedvlError, OSError) as exc:
+        except Exception as exc:  # the dashboard stays up whatever the figure does; the user sees why
             self.call_from_thread(self.notify, f"PNG not saved: {getattr(exc, 'what', exc)}", severity="error")
             return
         self.saved.append(out)
