@@ -31,8 +31,13 @@ def test_train_tui_finishes_and_leaves_the_same_run_directory(tiny_dir, prepared
 
     tiny = tiny_dir("qwen2.5-vl")
     plain = subprocess.run([sys.executable, "-m", "medvl.commands.main", "train", "tiny_cpu",
-                            *_args(tiny, prepared_vqa, tmp_path / "plain")], capture_output=True, text=True)
+                            *_args(tiny, prepared_vqa, tmp_path / "plain")], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": "80"})
     assert plain.returncode == 0, plain.stdout + plain.stderr
+    # a log file gets one whole line per log step, even where the terminal would be 80 columns wide
+    steps = [ln for ln in plain.stdout.splitlines() if ln.startswith("step ") and "/8 " in ln]
+    assert len(steps) == 8 and all(len(ln) > 80 and ln.rstrip().split()[-2] == "eta" for ln in steps), steps
+    assert not any(ln.startswith(("mem ", "eta ")) for ln in plain.stdout.splitlines())
 
     async def scenario():
         app = dashboard_for_training("tiny_cpu", _args(tiny, prepared_vqa, tmp_path / "tui"), None, tmp_path / "tui",
