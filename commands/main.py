@@ -52,6 +52,8 @@ from medvl.commands import score as _score  # noqa: E402
 from medvl.commands import serve as _serve  # noqa: E402
 from medvl.commands import tiny as _tiny  # noqa: E402
 from medvl.commands import train as _train  # noqa: E402
+from medvl.commands import plot as _plot  # noqa: E402
+from medvl.commands import watch as _watch  # noqa: E402
 
 COMMANDS = {  # in the order of the recipe; `medvl --help` lists them so
     "doctor": _doctor.doctor,
@@ -59,6 +61,8 @@ COMMANDS = {  # in the order of the recipe; `medvl --help` lists them so
     "prepare-data": _prepare.prepare_data,
     "inspect-data": _prepare.inspect_data,
     "train": _train.train,
+    "watch": _watch.watch,
+    "plot": _plot.plot,
     "eval": _evaluate.evaluate,
     "score": _score.score,
     "chat": _chat.chat,

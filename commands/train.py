@@ -11,7 +11,8 @@ EXAMPLES = """[bold]Examples[/]
   medvl train tiny_cpu                                   [dim]# the shipped CPU demo recipe[/]
   medvl train recipes/my_sft.yaml optim.lr=1e-5 train.max_steps=100
   medvl train huatuo_sft_qwen25vl_7b --dry-run           [dim]# table, launch line, memory estimate[/]
-  medvl train my.yaml --resume auto                      [dim]# continue from the newest checkpoint[/]"""
+  medvl train my.yaml --resume auto                      [dim]# continue from the newest checkpoint[/]
+  medvl train tiny_cpu --tui                             [dim]# with the live dashboard (re-attach: medvl watch RUN)[/]"""
 
 
 def train(
@@ -23,6 +24,8 @@ def train(
     allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change",
                                              help="Resume even when settings that cannot change mid-run (data, "
                                                   "batch size, seed, model, method) differ from the checkpoint's."),
+    tui: bool = typer.Option(False, "--tui", help="Show the live dashboard while training runs in a background "
+                             "process; closing asks whether to stop it or leave it running (medvl watch RUN re-attaches)."),
 ) -> None:
     """Train a model: alignment or instruction tuning, full or LoRA, on CPU, one GPU or many."""
     import os
@@ -42,6 +45,14 @@ def train(
 
         render_dry_run(plan_run(r, worker=worker))
         return
+    if tui:
+        from medvl.tui.dashboard import train_with_dashboard
+
+        if not console.is_terminal:
+            console.print("[yellow]--tui needs a terminal; training with plain output[/]")
+        else:
+            console.print(train_with_dashboard(recipe, overrides or [], resume, r.output.dir))
+            return
     from medvl.engine.launch import needs_launch, run_launched
 
     if needs_launch(r):
@@ -59,4 +70,8 @@ def train(
     from medvl.commands.ui import TrainConsole
     from medvl.engine.train import train as run
 
-    run(r, resume=resume, sinks=[TrainConsole()])
+    view = TrainConsole()
+    try:
+        run(r, resume=resume, sinks=[view])
+    finally:
+        view.close()  # a stopped run must not leave the live panel drawing over the error message

@@ -8,8 +8,20 @@ from __future__ import annotations
 
 from rich.console import Console
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+from medvl.tui.text import describe, duration, rate
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich's usual console; a log file or a scheduler's pipe gets lines that are never wrapped
+    (rich would fold them at 80 columns) and tables wide enough that no name is cut."""
+    c = Console(stderr=stderr, highlight=False)
+    if c.is_terminal:
+        return c
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=max(c.width, 200))
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def print_error(exc) -> None:
@@ -41,12 +53,17 @@ class RichProgress:
         self.finish()
         self._name, self._done, self._total = task, 0, total
         if self.console.is_terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.text import Text
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.speed}/s"), TimeElapsedColumn(),
-                                 TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False)
+            class RateColumn(ProgressColumn):
+                def render(self, task):
+                    return Text(rate(task.speed))
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+                                 transient=False)
             self._bar.start()
             self._task = self._bar.add_task(task, total=total)
         else:
@@ -71,82 +88,120 @@ class RichProgress:
         self._name = ""
 
 
+def quiet_library_progress_bars() -> None:
+    """transformers' and the hub's own tqdm bars ("Loading weights", "Writing model shards") draw through the
+    live panel on a terminal and fill log files with carriage returns; medvl shows its own progress."""
+    import os
+    import sys
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub / transformers are imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 class TrainConsole:
-    """A metric sink that shows a training run: a live panel on a terminal, one plain line per log otherwise."""
+    """A metric sink that shows a training run: a live panel on a terminal, one plain line per log step
+    otherwise. Reads the typed events of medvl.engine.metrics."""
 
     def __init__(self, console_: Console | None = None):
         self.console = console_ or console
         self.live = None
         self.losses: list[float] = []
-        self.last: dict = {}
-        self.start: dict = {}
+        self.last = None
+        self.start = None
         self.lines: list[str] = []
+        quiet_library_progress_bars()
 
-    def log(self, event: dict) -> None:
-        kind = event.get("kind")
-        if kind == "start":
+    def log(self, event) -> None:
+        from medvl.engine import metrics as m
+
+        if isinstance(event, m.StartEvent):
             self.start = event
-            self._print_table(event.get("table", []))
-            self.console.print(f"[bold]run[/] {event['run_dir']}  family {event['family']}  "
-                               f"{event['world_size']} process(es), {event['distributed']}, {event['device']}  "
-                               f"global batch {event['global_batch']}  steps {event['start_step']}->{event['total_steps']}")
-            if self.console.is_terminal:
+            if event.is_resume:
+                self.console.print(f"[bold]resumed[/] at step {event.start_step} from {event.resumed_from}")
+            else:
+                self._print_table(event.table)
+            self.console.print(f"[bold]run[/] {event.run_dir}  family {event.family}  {event.world_size} process(es), "
+                               f"{event.distributed}, {event.device}  global batch {event.global_batch}  "
+                               f"steps {event.start_step}->{event.total_steps}")
+            if self.console.is_terminal and self.live is None:
                 from rich.live import Live
 
-                self.live = Live(self._panel(), console=self.console, refresh_per_second=4, transient=False)
+                self.live = Live(self._panel(), console=self.console, refresh_per_second=4, transient=False,
+                                 redirect_stderr=True)
                 self.live.start()
             return
-        if kind == "train":
-            self.losses.append(event["loss"])
+        if isinstance(event, m.TrainEvent):
+            if event.loss is not None:
+                self.losses = (self.losses + [event.loss])[-200:]
             self.last = event
             if self.live is None:
-                self.console.print(self._line(event))
-        elif kind == "eval":
-            self._note(f"step {event['step']}: " + ", ".join(f"{k} {v}" for k, v in event.items()
-                                                             if k not in ("kind", "step", "time", "benchmark")))
-        elif kind == "warning":
-            self._note(f"[yellow]warning[/] step {event['step']}: {event['message']}  ({event.get('hint', '')})")
-        elif kind == "checkpoint":
-            self._note(f"[dim]checkpoint {event['path']}[/]")
-        elif kind == "end":
-            self._note(f"[green]done[/] in {event['wall_s']} s -> {event['final_dir']}")
+                self.console.print("  ".join(self._chunks(event, progress=True)), soft_wrap=True)
+        else:
+            self._note(describe(event))
         if self.live is not None:
             self.live.update(self._panel())
 
-    def _note(self, text: str) -> None:
+    def _note(self, text: str | None) -> None:
+        if not text:
+            return
         if self.live is not None:
             self.lines = (self.lines + [text])[-6:]
         else:
-            self.console.print(text)
+            self.console.print(text, soft_wrap=True)
 
     @staticmethod
-    def _line(e: dict) -> str:
-        gn = "-" if e.get("grad_norm") is None else f"{e['grad_norm']:.3f}"
-        return (f"step {e['step']}/{e['total_steps']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  grad {gn}  "
-                f"{e['tokens_per_s']:.0f} tok/s  {e['samples_per_s']:.2f} samples/s  mem {e['memory_gb']:.2f} GB  "
-                f"eta {e['eta_s']:.0f} s")
+    def _chunks(e, *, progress: bool) -> list[str]:
+        """The metrics of a train event as short 'name value' pieces (wrapped only between pieces)."""
+        out = [f"step {e.step}/{e.total_steps}"] if progress else []
+        out.append("loss -" if e.loss is None else f"loss {e.loss:.4f}")
+        out.append("lr -" if e.lr is None else f"lr {e.lr:.2e}")
+        out.append("grad -" if e.grad_norm is None else f"grad {e.grad_norm:.3f}")
+        out += [rate(e.tokens_per_s, "tok"), rate(e.samples_per_s, "samples")]
+        mem = e.memory_gb_per_device or ([e.memory_gb] if e.memory_gb is not None else [])
+        if mem:
+            out.append("mem " + "/".join(f"{v:.2f}" for v in mem) + " GB")
+        if e.gpu_util:
+            out.append("gpu " + "/".join(f"{v:.0f}" for v in e.gpu_util) + " %")
+        out.append(f"eta {duration(e.eta_s)}")
+        return out
 
     def _panel(self):
         from rich.console import Group
         from rich.panel import Panel
         from rich.progress_bar import ProgressBar
+        from rich.table import Table
         from rich.text import Text
 
-        e = self.last
-        total = self.start.get("total_steps", 1)
-        step = e.get("step", self.start.get("start_step", 0))
-        spark = _sparkline(self.losses[-60:])
-        body = [ProgressBar(total=total, completed=step, width=60),
-                Text(self._line(e) if e else "starting..."), Text(f"loss {spark}", style="cyan")]
-        body += [Text.from_markup(line) for line in self.lines]
-        return Panel(Group(*body), title=f"medvl train  {step}/{total}", border_style="blue")
+        e, s = self.last, self.start
+        total = (e.total_steps if e else None) or (s.total_steps if s else None) or 1
+        step = e.step if e else (s.start_step if s else 0)
+        inner = max(20, self.console.width - 4)  # panel border and padding
+        bar = Table.grid(expand=True, padding=(0, 1))
+        bar.add_column(ratio=1)
+        bar.add_column(no_wrap=True, justify="right")
+        epoch = f"  epoch {e.epoch:.2f}" if e and e.epoch is not None else ""
+        bar.add_row(ProgressBar(total=total, completed=step), f"{step / total:.0%}  step {step}/{total}{epoch}")
+        body = [bar, Text("\n".join(_wrap(self._chunks(e, progress=False), inner)) if e else "starting...")]
+        spark = _sparkline(self.losses[-(inner - 16):])
+        if spark:
+            body.append(Text(f"loss {spark}", style="cyan", no_wrap=True, overflow="ellipsis"))
+        for line in self.lines:
+            note = Text.from_markup(line, overflow="ellipsis")
+            note.no_wrap = True
+            body.append(note)
+        title = f"medvl train  {s.recipe or ''}" if s else "medvl train"
+        return Panel(Group(*body), title=title, title_align="left", border_style="blue")
 
     def _print_table(self, rows: list[dict]) -> None:
         from rich.table import Table
 
         table = Table(title="what trains", title_justify="left")
         for col in ("group", "params", "trainable", "mode", "lr"):
-            table.add_column(col, justify="right" if col in ("params", "trainable", "lr") else "left")
+            table.add_column(col, justify="right" if col in ("params", "trainable", "lr") else "left",
+                             overflow="fold")
         for r in rows:
             table.add_row(r["group"], f"{r['params']:,}", f"{r['trainable']:,}", r["mode"],
                           "-" if r["lr"] is None else f"{r['lr']:.2e}")
@@ -159,7 +214,19 @@ class TrainConsole:
             self.live = None
 
 
+def _wrap(chunks: list[str], width: int) -> list[str]:
+    lines, cur = [], ""
+    for c in chunks:
+        if cur and len(cur) + 2 + len(c) > width:
+            lines.append(cur)
+            cur = c
+        else:
+            cur = f"{cur}  {c}" if cur else c
+    return lines + ([cur] if cur else [])
+
+
 def _sparkline(values: list[float]) -> str:
+    values = [v for v in values if v == v]  # drop NaN
     if not values:
         return ""
     bars = "▁▂▃▄▅▆▇█"
@@ -202,9 +269,9 @@ def render_prepare(result) -> None:
     if m["rejected"]:
         t = Table(title=f"quarantined: {m['rejected_total']:,} (details: {result.out_dir}/quarantine.jsonl)",
                   title_justify="left")
-        t.add_column("reason")
+        t.add_column("reason", overflow="fold")
         t.add_column("n", justify="right")
-        t.add_column("meaning")
+        t.add_column("meaning", overflow="fold")
         for code, n in m["rejected"].items():
             t.add_row(code, f"{n:,}", REJECTION_REASONS.get(code, ""))
         console.print(t)
@@ -212,7 +279,7 @@ def render_prepare(result) -> None:
             console.print(f"  [dim]{r['location']}[/] {r['code']}: {r['message']}")
     src = Table(title="sources", title_justify="left")
     for col in ("source", "kept", "quarantined"):
-        src.add_column(col, justify="left" if col == "source" else "right")
+        src.add_column(col, justify="left" if col == "source" else "right", overflow="fold")
     for name, c in m["sources"].items():
         src.add_row(name, f"{c['accepted']:,}", f"{c['rejected']:,}")
     console.print(src)
@@ -269,7 +336,7 @@ def render_demo(result) -> None:
     t = Table(title=f"held-out accuracy after {result.steps} steps ({result.train_seconds} s of training)",
               title_justify="left")
     for col in ("data", "n", "medvl tiny model", f"majority answer ('{result.majority_answer}')"):
-        t.add_column(col, justify="left" if col == "data" else "right")
+        t.add_column(col, justify="left" if col == "data" else "right", overflow="fold")
     for name, (acc, n) in result.accuracy.items():
         base = result.baseline.get(name)
         style = "bold" if name == "overall" else ""

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not MEDVL.exists(), reason="console script not i
 # imports it (typer._adapters, ~55 ms with pydantic) to coerce the parameters of any subcommand, so every
 # `medvl <cmd> --help` and every completion below the root pays it whatever medvl does.
 HEAVY = ("torch", "transformers", "accelerate", "peft", "deepspeed", "textual", "numpy", "huggingface_hub",
-         "tokenizers", "safetensors")
+         "tokenizers", "safetensors", "matplotlib", "plotext", "textual_plotext")
 
 
 def run(args: list[str], **env_extra: str) -> tuple[subprocess.CompletedProcess, set[str]]:

@@ -26,7 +26,9 @@ from medvl.engine import checkpoint as ckpt
 from medvl.engine import guards
 from medvl.engine.batches import build_data, keepalive_sample, make_loader
 from medvl.engine.loss import require_supervision, supervised_tokens, token_loss_sum
-from medvl.engine.metrics import Fanout, JsonlSink, reporting_sinks
+from medvl.engine.metrics import (CheckpointEvent, EndEvent, EvalEvent, Fanout, JsonlSink, StartEvent, TrainEvent,
+                                  device_stats, dir_size, process_facts, record_stop, trainable_params)
+from medvl.engine.trackers import reporting_sinks
 from medvl.engine.optim import build_optimizer, build_scheduler
 from medvl.engine.params import apply_plan, param_groups, rows_as_dicts, trainability
 from medvl.engine.setup import build_accelerator, load_for_training, plan_from_recipe, prepare_run_dir
@@ -47,7 +49,16 @@ class RunResult:
 
 
 def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int | None = None) -> RunResult:
-    """Run a recipe to the end (or to `stop_after_step`, used by the kill-and-resume test); returns the run."""
+    """Run a recipe to the end (or to `stop_after_step`, used by the kill-and-resume test); returns the run.
+    A run that stops by an exception leaves a `stop` event in metrics.jsonl saying why (for the dashboard)."""
+    try:
+        return _train(recipe, resume=resume, sinks=sinks, stop_after_step=stop_after_step)
+    except BaseException as exc:
+        record_stop(recipe.output.dir, exc)
+        raise
+
+
+def _train(recipe, *, resume, sinks, stop_after_step) -> RunResult:
     from medvl.config import recipe_to_yaml
     from medvl.data.dataset import verify_recipe_data
 
@@ -114,11 +125,15 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2))
     if main:
         sink.sinks += reporting_sinks(recipe.output.report_to, run_dir, run_dir.name, json.loads(recipe.model_dump_json()))
-        sink.log({"kind": "start", "run_dir": str(run_dir), "family": family.name, "total_steps": total_steps,
-                  "start_step": start, "world_size": accelerator.num_processes, "global_batch": recipe.global_batch,
-                  "steps_per_epoch": batch_plan.steps_per_epoch, "samples": len(train_ids),
-                  "dropped_per_epoch": batch_plan.dropped_per_epoch(), "table": table,
-                  "distributed": accelerator.distributed_type.name, "device": str(accelerator.device)})
+        sink.log(StartEvent(
+            run_dir=str(run_dir), recipe=Path(recipe.source).stem if recipe.source else None, model=recipe.model.base,
+            family=family.name, method=recipe.method, total_steps=total_steps, start_step=start,
+            resumed_from=str(resume_from) if resume_from is not None else None,
+            world_size=accelerator.num_processes, global_batch=recipe.global_batch,
+            steps_per_epoch=batch_plan.steps_per_epoch, samples=len(train_ids),
+            dropped_per_epoch=batch_plan.dropped_per_epoch(), trainable_params=trainable_params(table), table=table,
+            distributed=accelerator.distributed_type.name, device=str(accelerator.device),
+            keep_last=recipe.train.keep_last, **process_facts()))
         if changes:
             sink.log(ckpt.recipe_change_event(start, changes))
 
@@ -176,23 +191,25 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         if (step + 1) % recipe.train.log_every == 0 or step + 1 == total_steps or step == start:
             elapsed = time.perf_counter() - t_start
             done = step + 1 - start
-            sink.log({"kind": "train", "step": step + 1, "total_steps": total_steps,
-                      "epoch": round((step + 1) / batch_plan.steps_per_epoch, 3), "loss": round(mean_loss, 6),
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": window_tokens,
-                      "tokens_per_s": round(tokens_seen / elapsed, 1), "samples_per_s": round(samples_seen / elapsed, 3),
-                      "input_tokens_per_s": round(inputs_seen / elapsed, 1),
-                      "memory_gb": _memory_gb(accelerator), "eta_s": round(elapsed / done * (total_steps - step - 1), 1),
-                      "rejected": n_rejected})
+            memory, util = device_stats(accelerator)  # a collective: every rank is here
+            sink.log(TrainEvent(
+                step=step + 1, total_steps=total_steps, epoch=round((step + 1) / batch_plan.steps_per_epoch, 3),
+                loss=round(mean_loss, 6), lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, tokens=window_tokens,
+                tokens_per_s=round(tokens_seen / elapsed, 1), samples_per_s=round(samples_seen / elapsed, 3),
+                input_tokens_per_s=round(inputs_seen / elapsed, 1), memory_gb=max(memory),
+                memory_gb_per_device=memory, gpu_util=util,
+                eta_s=round(elapsed / done * (total_steps - step - 1), 1), rejected=n_rejected))
         if val is not None and recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
             v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive)
             result.eval_losses.append((step + 1, v))
-            sink.log({"kind": "eval", "step": step + 1, "eval_loss": round(v, 6)})
+            sink.log(EvalEvent(step=step + 1, eval_loss=round(v, 6)))
         if bench_set is not None and (step + 1) % recipe.eval.every == 0:
             sink.log(benchmark_eval(model, processor, family, bench_set, recipe, accelerator, run_dir, step + 1))
         if recipe.train.save_every and (step + 1) % recipe.train.save_every == 0 and step + 1 < total_steps:
             path = ckpt.save_checkpoint(accelerator, run_dir, step + 1, _trainer_state(step + 1, accelerator, recipe),
                                         keep_last=recipe.train.keep_last or 1, resumable=resumable)
-            sink.log({"kind": "checkpoint", "step": step + 1, "path": str(path)})
+            sink.log(CheckpointEvent(step=step + 1, path=str(path), size_bytes=dir_size(path),
+                                     keep_last=recipe.train.keep_last or 1))
         if stop_after_step is not None and step + 1 >= stop_after_step:
             result.steps = step + 1
             sink.close()
@@ -203,13 +220,14 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     if val is not None and not (result.eval_losses and result.eval_losses[-1][0] == total_steps):
         v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive)
         result.eval_losses.append((total_steps, v))
-        sink.log({"kind": "eval", "step": total_steps, "eval_loss": round(v, 6)})
+        sink.log(EvalEvent(step=total_steps, eval_loss=round(v, 6)))
     if recipe.train.save_every:
-        ckpt.save_checkpoint(accelerator, run_dir, total_steps, _trainer_state(total_steps, accelerator, recipe),
-                             keep_last=recipe.train.keep_last or 1, resumable=resumable)
+        path = ckpt.save_checkpoint(accelerator, run_dir, total_steps, _trainer_state(total_steps, accelerator, recipe),
+                                    keep_last=recipe.train.keep_last or 1, resumable=resumable)
+        sink.log(CheckpointEvent(step=total_steps, path=str(path), size_bytes=dir_size(path),
+                                 keep_last=recipe.train.keep_last or 1))
     save_final(accelerator, model, processor, recipe, run_dir / "final", table)
-    sink.log({"kind": "end", "step": total_steps, "final_dir": str(run_dir / "final"),
-              "wall_s": round(time.perf_counter() - t_start, 2)})
+    sink.log(EndEvent(step=total_steps, final_dir=str(run_dir / "final"), wall_s=round(time.perf_counter() - t_start, 2)))
     sink.close()
     accelerator.wait_for_everyone()
     return result
@@ -248,16 +266,6 @@ def _clip(accelerator, model, max_norm):
     params = [p for p in model.parameters() if p.requires_grad]
     norm = accelerator.clip_grad_norm_(params, max_norm or float("inf"))
     return round(float(norm), 6)
-
-
-def _memory_gb(accelerator) -> float:
-    import torch
-
-    if accelerator.device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 3)
-    import psutil
-
-    return round(psutil.Process().memory_info().rss / 2**30, 3)
 
 
 def _trainer_state(step, accelerator, recipe) -> dict:
