@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast bench completions clean
 
-# Reinstall when the dependency list changes; editable install, so code edits need nothing.
-$(STAMP): pyproject.toml
+# Reinstall when the dependency list changes; editable install, so code edits need nothing. The exact verified
+# versions come from medvl/constraints.txt (pyproject.toml declares only ranges, for users' own GPU boxes).
+$(STAMP): pyproject.toml medvl/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c medvl/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

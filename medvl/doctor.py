@@ -20,13 +20,13 @@ from medvl import __version__
 from medvl.doctor_gpu import Gpu, build_toolchain, check_bitsandbytes, check_deepspeed, check_flash_attn, \
     check_gpus, check_torch, cuda_home, probe_gpus, torch_build
 from medvl.doctor_lookup import GIB, STATUSES, Check, check_package, check_python, check_qwen_vl_utils, \
-    check_torchvision, error_line, tested_pins
+    check_torchvision, declared_ranges, error_line, tested_pins
 from medvl.progress import NullProgress, ProgressSink
 
 __all__ = [
     "STATUSES", "Check", "Gpu", "Report", "build_toolchain", "check_bitsandbytes", "check_deepspeed", "check_disk",
     "check_flash_attn", "check_gpus", "check_hf_cache", "check_package", "check_python", "check_qwen_vl_utils",
-    "check_torch", "check_torchvision", "cuda_home", "hf_cache_dir", "probe_gpus", "run_checks", "tested_pins",
+    "check_torch", "check_torchvision", "cuda_home", "declared_ranges", "hf_cache_dir", "probe_gpus", "run_checks", "tested_pins",
     "torch_build", "verdict",
 ]
 

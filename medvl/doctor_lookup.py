@@ -76,22 +76,57 @@ def safe_import(module: str):
 
 
 def tested_pins() -> dict[str, str]:
-    """The exact versions medvl was tested with, read from its own installed metadata (`torch==2.13.0`); ranges
-    (`pydantic>=2.10,<3`) are not pins. Parsed with `packaging`, extras' markers included."""
+    """The verified set: every `name==version` of medvl/constraints.txt (shipped in the package), by canonical
+    name. It is what `make test` and CI install; a user's own box may differ within the declared ranges."""
+    from importlib import resources
+
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        text = resources.files("medvl").joinpath("constraints.txt").read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError):
+        return {}
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        exact = [s.version for s in req.specifier if s.operator == "=="]
+        if exact:
+            pins[canonicalize_name(req.name)] = exact[0]
+    return pins
+
+
+def declared_ranges() -> dict[str, str]:
+    """What medvl's own metadata allows (`torch>=2.6,<3`), by canonical name; empty for a never-installed tree."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
     try:
         requires = importlib.metadata.requires("medvl") or []
-    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    except importlib.metadata.PackageNotFoundError:
         return {}
-    pins = {}
+    ranges = {}
     for text in requires:
         req = Requirement(text)
-        exact = [s.version for s in req.specifier if s.operator == "=="]
-        if len(req.specifier) == 1 and exact:
-            pins[canonicalize_name(req.name)] = exact[0]
-    return pins
+        if req.marker is None and str(req.specifier):  # extras (dev, demo) carry a marker
+            ranges[canonicalize_name(req.name)] = str(req.specifier)
+    return ranges
+
+
+def in_range(version: str, spec: str) -> bool:
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) in SpecifierSet(spec)
+    except (InvalidSpecifier, InvalidVersion):
+        return True  # cannot tell: do not cry wolf
 
 
 def matches_pin(version: str, pin: str) -> bool:
@@ -110,8 +145,9 @@ def install_hint(dist: str, pins: Mapping[str, str]) -> str:
 
 
 def check_package(name: str, dist: str, module: str, *, enables: str, pins: Mapping[str, str],
-                  required: bool = False, missing_advice: str | None = None):
-    """Installed? importable? the tested version? Returns (Check, the module or None)."""
+                  required: bool = False, missing_advice: str | None = None, ranges: Mapping[str, str] | None = None):
+    """Installed? importable? inside the declared range? the verified version? Returns (Check, the module or
+    None). `ranges` defaults to medvl's own metadata (declared_ranges)."""
     version = dist_version(dist)
     found = has_module(module)
     install = install_hint(dist, pins)
@@ -126,8 +162,15 @@ def check_package(name: str, dist: str, module: str, *, enables: str, pins: Mapp
         return Check(name, "fail", f"{version or '?'}: {err}", f"reinstall: {install}", required), None
     version = version or getattr(mod, "__version__", "unknown version")
     pin = pins.get(dist)
+    spec = (declared_ranges() if ranges is None else ranges).get(dist)
+    if spec and not in_range(version.split("+")[0], spec):
+        return Check(name, "fail" if required else "warn", version,
+                     f"outside the range medvl supports ({spec}): expect import or API errors; "
+                     f"{install} (the verified version)", required), mod
     if pin and not matches_pin(version, pin):
-        return Check(name, "warn", version, f"{enables}; medvl is tested with {pin}", required), mod
+        return Check(name, "warn", version, f"{enables}; outside medvl's verified set ({pin}): supported, but "
+                     "not what the test suite ran; if something misbehaves, compare with "
+                     f"`{install}`", required), mod
     return Check(name, "ok", version, enables, required), mod
 
 

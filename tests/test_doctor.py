@@ -211,7 +211,20 @@ def test_version_against_pin_ignores_local_build_tag(site):
     ok, _ = d.check_package("fine", "medvlfine", "medvlfine", enables="GPU", pins={"medvlfine": "2.13.0"})
     assert (ok.status, ok.detail) == ("ok", "2.13.0+cu128")
     warn, _ = d.check_package("fine", "medvlfine", "medvlfine", enables="GPU", pins={"medvlfine": "2.14.0"})
-    assert warn.status == "warn" and warn.advice == "GPU; medvl is tested with 2.14.0"
+    assert warn.status == "warn" and warn.advice.startswith("GPU; outside medvl's verified set (2.14.0)")
+    assert "pip install medvlfine==2.14.0" in warn.advice
+
+
+def test_version_outside_the_declared_range_is_flagged(site):
+    make_dist(site, "medvlold", "2.2.0+cu118", "")
+    ranges = {"medvlold": ">=2.6,<3"}
+    req, _ = d.check_package("old", "medvlold", "medvlold", enables="x", pins={"medvlold": "2.13.0"},
+                             required=True, ranges=ranges)
+    assert req.status == "fail" and "outside the range medvl supports (>=2.6,<3)" in req.advice
+    opt, _ = d.check_package("old", "medvlold", "medvlold", enables="x", pins={}, ranges=ranges)
+    assert opt.status == "warn"
+    inside, _ = d.check_package("old", "medvlold", "medvlold", enables="x", pins={}, ranges={"medvlold": ">=2"})
+    assert inside.status == "ok"
 
 
 def test_missing_package_says_how_to_install_it_at_the_pin():
@@ -237,10 +250,21 @@ def test_missing_flash_attn_advice_depends_on_the_gpus():
     assert d.check_flash_attn([], {}).advice == "CUDA sm 8.0+ only; SDPA attention is used instead"
 
 
-def test_pins_come_from_medvls_own_metadata():
+def test_pins_come_from_the_shipped_constraints_and_ranges_from_the_metadata():
     pins = d.tested_pins()
-    assert pins["torch"] == "2.13.0" and pins["transformers"] == "5.23.0"
-    assert "pydantic" not in pins  # a range, not a pin
+    assert pins["torch"] == "2.13.0" and pins["transformers"] == "5.23.0" and "pydantic" in pins
+    ranges = d.declared_ranges()
+    assert ranges["torch"] == "<3,>=2.6" or ranges["torch"] == ">=2.6,<3"
+    assert "pytest" not in ranges  # the dev extra carries a marker
+
+
+def test_every_declared_dependency_is_pinned_in_the_verified_set_and_inside_its_range():
+    from packaging.specifiers import SpecifierSet
+
+    pins, ranges = d.tested_pins(), d.declared_ranges()
+    for name, spec in ranges.items():
+        assert name in pins, f"{name} has no verified version in medvl/constraints.txt"
+        assert pins[name] in SpecifierSet(spec), f"{name}=={pins[name]} is outside the declared {spec}"
 
 
 def test_check_rejects_unknown_status():

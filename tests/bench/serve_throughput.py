@@ -80,7 +80,11 @@ def main(n: int = 96) -> None:
     print(f"{'server':<14} {'clients':>7} {'answers/s':>10} {'x one-at-a-time':>16} {'= Chatbot':>10}")
     for label, c, rate, same in rows:
         print(f"{label:<14} {c:>7} {rate:>10.1f} {rate / base:>16.2f} {same:>6}/{n}")
+    at16 = next(rate for label, c, rate, _ in rows if label == "batched" and c == 16)
+    ok = all(same == n for *_, same in rows) and at16 >= 3 * base
+    print(f"target: 16 clients >= 3x one at a time, every answer = Chatbot's: {'met' if ok else 'MISSED'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 96)
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 96))
