@@ -29,6 +29,11 @@ def print_error(exc) -> None:
     from rich.panel import Panel
     from rich.text import Text
 
+    if not err_console.is_terminal:  # a log file or a script: plain lines, never cut at the panel's edge
+        lines = [f"error: {exc.what}"] + ([f"where: {exc.where}"] if exc.where else []) + \
+                ([f"fix:   {exc.fix}"] if exc.fix else [])
+        err_console.print(Text("\n".join(lines)))
+        return
     body = Text(exc.what)
     if exc.where:
         body.append("\nwhere: ", style="bold").append(exc.where)
