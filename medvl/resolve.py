@@ -235,8 +235,7 @@ def load_source(src: ModelSource, *, dtype: str = "fp32"):
                              fix="pass the base checkpoint the adapter was trained on") from None
         return model, load_processor(src.processor_dir, src.family)
     from medvl.config import load_recipe
-    from medvl.engine.params import apply_plan
-    from medvl.engine.setup import plan_from_recipe
+    from medvl.plan import apply_plan, plan_from_recipe
 
     recipe = load_recipe(src.run_dir / "recipe.yaml")
     model = apply_plan(load_model(src.base_dir, src.family, dtype=dtype), src.family,
