@@ -39,7 +39,8 @@ def print_error(exc) -> None:
         body.append("\nwhere: ", style="bold").append(exc.where)
     if exc.fix:
         body.append("\nfix:   ", style="bold green").append(exc.fix)
-    err_console.print(Panel(body, title="[bold red]error[/]", title_align="left", border_style="red", expand=False))
+    err_console.print(Panel(body, title="[bold red]error[/]", title_align="left", border_style="red", expand=False),
+                      soft_wrap=False)  # off a terminal the console soft-wraps (crops panels): wrap the message
 
 
 class RichProgress:

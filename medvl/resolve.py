@@ -113,7 +113,7 @@ def _resolve_path(path: Path, base) -> ModelSource:
                                          for m in ("config.json", "adapter_config.json")):
         path = path / "final"
     elif not _has_model(path):
-        from medvl.engine.checkpoint import list_checkpoints
+        from medvl.checkpoint_files import list_checkpoints
 
         found = list_checkpoints(path)
         if found:  # a run still training (or killed before final/): its newest complete checkpoint
@@ -235,8 +235,7 @@ def load_source(src: ModelSource, *, dtype: str = "fp32"):
                              fix="pass the base checkpoint the adapter was trained on") from None
         return model, load_processor(src.processor_dir, src.family)
     from medvl.config import load_recipe
-    from medvl.engine.params import apply_plan
-    from medvl.engine.setup import plan_from_recipe
+    from medvl.plan import apply_plan, plan_from_recipe
 
     recipe = load_recipe(src.run_dir / "recipe.yaml")
     model = apply_plan(load_model(src.base_dir, src.family, dtype=dtype), src.family,
@@ -266,10 +265,10 @@ def _tied(model) -> bool:
 def checkpoint_state_dict(ckpt: Path) -> dict:
     """The model weights of an accelerate `save_state` directory, consolidated to one fp32/16-bit state dict.
     Torch files are read weights-only (DeepSpeed's zero_to_fp32 asks for full unpickling; it is overridden), so a
-    crafted checkpoint cannot run code here (engine/checkpoint.py: safe_torch_load)."""
+    crafted checkpoint cannot run code here (medvl/checkpoint_files.py: safe_torch_load)."""
     import torch
 
-    from medvl.engine.checkpoint import safe_torch_load
+    from medvl.checkpoint_files import safe_torch_load
     from medvl.models import check_weight_file
 
     if (ckpt / "model.safetensors").is_file():

@@ -175,29 +175,13 @@ def build_shrunk(real_dir: str | Path, out_dir: str | Path | None = None, *, see
     """(model, processor) shrunk from a real checkpoint's small files; saved to out_dir (atomically) if given.
     The processor keeps the real files' quirks (HuatuoGPT-Vision-7B-hf's `patch_size: null`): loading it back
     goes through medvl.models.load_processor exactly as the real checkpoint would."""
-    import torch
-    import transformers as T
-
     from medvl.engine.dryrun import config_from_dict
-    from medvl.models import model_class
+    from medvl.tiny import seeded_model
 
     files = read_real_files(real_dir)
     family = family_for_model_type(files["config"]["model_type"])
     tok = shrunk_tokenizer(files, family)
     config = config_from_dict(shrunk_config(files, family, tok))
-    torch.manual_seed(seed)
-    cls = model_class(family)
-    model = cls.from_config(config) if cls is T.AutoModelForCausalLM else cls(config)
     eos = getattr(config.get_text_config(), "eos_token_id", None) or tok.eos_token_id
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model.generation_config.bos_token_id = None
-    model.generation_config.do_sample = False
-    processor = _shrunk_processor(files, family, tok)
-    if out_dir is not None:
-        from medvl.atomic import atomic_dir
-
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-    return model, processor
+    return seeded_model(family, config, tok, eos, _shrunk_processor(files, family, tok), seed=seed, out_dir=out_dir,
+                        overwrite=overwrite)

@@ -240,9 +240,6 @@ def build_tiny(family: str | Family, out_dir: str | Path | None = None, *, seed:
     The processor is the tokenizer for text-only families. Weights are random but seeded: the same seed gives
     bit-identical weights on the same machine.
     """
-    import torch
-    import transformers as T
-
     family = get_family(family) if isinstance(family, str) else family
     if size not in SIZES:
         from medvl.errors import MedvlError
@@ -254,14 +251,28 @@ def build_tiny(family: str | Family, out_dir: str | Path | None = None, *, seed:
     for cfg in (config, getattr(config, "text_config", None)):
         if cfg is not None:
             cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, eos, None
+    return seeded_model(family, config, tok, eos, _processor(family, tok), seed=seed, out_dir=out_dir,
+                        overwrite=overwrite)
+
+
+def seeded_model(family: Family, config, tok, eos: int, processor, *, seed: int, out_dir: str | Path | None = None,
+                 overwrite: bool = False):
+    """(model, processor): random weights of the family's model class for `config`, seeded, generating greedily
+    and stopping at `eos`; saved with the processor to out_dir (atomically) if given. Tiny and shrunk models
+    (medvl/shrink.py) are both made here."""
+    import torch
+    import transformers as T
+
+    from medvl.models import model_class
+
     torch.manual_seed(seed)
-    cls = T.AutoModelForCausalLM if family.model_class == "AutoModelForCausalLM" else getattr(T, family.model_class)
-    model = cls.from_config(config) if cls is T.AutoModelForCausalLM else cls(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = eos
-    model.generation_config.bos_token_id = None
-    model.generation_config.do_sample = False
-    processor = _processor(family, tok)
+    cls = model_class(family)
+    model = cls.from_config(config) if cls is T.AutoModelForCausalLM else cls(config)  # the auto class has no init
+    gen = model.generation_config
+    gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    gen.eos_token_id = eos
+    gen.bos_token_id = None
+    gen.do_sample = False
     if out_dir is not None:
         from medvl.atomic import atomic_dir
 
@@ -269,4 +280,3 @@ def build_tiny(family: str | Family, out_dir: str | Path | None = None, *, seed:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
     return model, processor
-

@@ -100,7 +100,7 @@ def test_export_refuses_a_crafted_bin(tmp_path):
 
 
 def test_safe_loading_restores_the_environment(tmp_path):
-    from medvl.engine.checkpoint import safe_torch_load
+    from medvl.checkpoint_files import safe_torch_load
 
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     with pytest.raises(MedvlError):

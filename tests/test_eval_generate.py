@@ -15,12 +15,8 @@ from medvl.evaluate.generate import (PARTIAL, AnswerCache, Generator, answer_ite
 from medvl.evaluate.suites import EvalItem, build_prompt, load_suites
 from medvl.families import get_family
 
+from .bench.eval_batching import SIZES, make_items
 from .conftest import FAMILIES
-
-# Image sizes chosen so the tiny Qwen processor (28-pixel grid, 4..64 merged tokens) gives different visual token
-# counts, hence prompts of different lengths inside one batch: left padding is actually exercised.
-SIZES = [(56, 56), (180, 120), (84, 140), (200, 200), (64, 96), (120, 60), (150, 150), (70, 210)]
-WORDS = "liver kidney spleen heart lung brain bone colon pancreas".split()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,22 +69,6 @@ def write_eval_bundle(root: Path, *, dicom: bool = True) -> Path:
     path = root / "medical_multimodel_evaluation_data.json"
     path.write_text(json.dumps(records, indent=1), encoding="utf-8")
     return path
-
-
-def varied_items(root: Path, n: int) -> list[EvalItem]:
-    """n items with images of the SIZES and questions of different lengths (3..14 words)."""
-    from PIL import Image
-
-    root.mkdir(parents=True, exist_ok=True)
-    items = []
-    for i in range(n):
-        w, h = SIZES[i % len(SIZES)]
-        path = root / f"v{i}.png"
-        Image.new("RGB", (w, h), ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256)).save(path)
-        question = "Which organ? " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 + i % 12))
-        options = tuple(WORDS[(i + k) % len(WORDS)] for k in range(2 + i % 3))
-        items.append(EvalItem(i + 1, "VQA-RAD_test", "", question, options, options[0], (str(path),)))
-    return items
 
 
 def tiny_generator(tiny_dir, family: str, max_new_tokens: int = 8, decoding: str = "greedy") -> Generator:
@@ -185,7 +165,7 @@ def test_prompt_is_images_first_then_the_published_text_in_the_chat_template(tin
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl", "llava", "internvl"])
 def test_measured_length_equals_the_encoded_length(tiny_dir, tmp_path, family):
     gen = tiny_generator(tiny_dir, family)
-    prompts = [gen.prompt(it) for it in varied_items(tmp_path, 8)]
+    prompts = [gen.prompt(it) for it in make_items(tmp_path, 8)]
     gen.measure(prompts)
     from medvl.data.images import load_image
 
@@ -207,7 +187,7 @@ def test_batched_left_padded_greedy_equals_one_at_a_time(tiny_dir, tmp_path, fam
     the one the model gives the prompt alone. fp32 on CPU; the tiny models' answers are not degenerate (most
     differ from each other), so equality is not the trivial kind."""
     gen = tiny_generator(tiny_dir, family)
-    items = varied_items(tmp_path / "img", 16)
+    items = make_items(tmp_path / "img", 16)
     one = answer_items(gen, items, tmp_path / "one", batch_size=1)
     batched = answer_items(gen, items, tmp_path / "eight", batch_size=8)
     assert (one.batches, batched.batches) == (16, 2)
@@ -219,7 +199,7 @@ def test_batched_left_padded_greedy_equals_one_at_a_time(tiny_dir, tmp_path, fam
 def test_huatuo_sampling_is_seeded(tiny_dir, tmp_path):
     gen = tiny_generator(tiny_dir, "qwen2.5-vl", decoding="huatuo")
     assert gen.generation_config.do_sample and gen.generation_config.temperature == 0.2
-    items = varied_items(tmp_path / "img", 8)
+    items = make_items(tmp_path / "img", 8)
     first = answer_items(gen, items, tmp_path / "a", batch_size=4).outputs
     assert answer_items(gen, items, tmp_path / "b", batch_size=4).outputs == first
 
@@ -228,7 +208,7 @@ def test_sharded_ranks_answer_everything_once_and_resume_single_process(tiny_dir
     """Three ranks in threads sharing one output directory (a threading barrier stands in for accelerate's),
     each answering items[rank::3]; merged, they equal a one-process run, and a one-process rerun over their
     three partial files generates nothing."""
-    items = varied_items(tmp_path / "img", 11)
+    items = make_items(tmp_path / "img", 11)
     reference = answer_items(tiny_generator(tiny_dir, "qwen2.5-vl"), items, tmp_path / "ref", batch_size=4)
     world, out = 3, tmp_path / "sharded"
     gens = [tiny_generator(tiny_dir, "qwen2.5-vl") for _ in range(world)]

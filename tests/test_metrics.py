@@ -87,6 +87,66 @@ def test_missing_reporting_package_is_a_clear_error(tmp_path, monkeypatch):
         reporting_sinks(["wandb"], tmp_path, "run", {})
 
 
+def test_trackers_get_the_init_calls_and_scalars_medvl_always_sent(tmp_path, monkeypatch):
+    """TensorBoard, W&B and SwanLab through accelerate's trackers: the same init arguments medvl passed itself,
+    `scalars(event)` at the event's step for train/eval events only, and finish/close at the end."""
+    import sys
+    import types
+
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # accelerate's trackers log through its state; in training the Accelerator made it
+    calls = []
+
+    class Run:
+        def __init__(self, pkg, **kwargs):
+            calls.append((pkg, "init", kwargs))
+            self.pkg = pkg
+
+        def log(self, values, step=None):
+            calls.append((self.pkg, "log", step, dict(values)))
+
+        def finish(self):
+            calls.append((self.pkg, "finish"))
+
+    class Writer:
+        def __init__(self, logdir, **kwargs):
+            calls.append(("tensorboard", "init", {"logdir": logdir}))
+
+        def add_scalar(self, key, value, global_step=None):
+            calls.append(("tensorboard", "scalar", global_step, key, value))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("tensorboard", "finish"))
+
+    wandb = types.SimpleNamespace(init=lambda **kw: Run("wandb", **kw))
+    swanlab = types.SimpleNamespace(init=lambda **kw: Run("swanlab", **kw), config={})
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "swanlab", swanlab)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    sinks = reporting_sinks(["tensorboard", "wandb", "swanlab"], tmp_path, "run-a", {"lr": 0.1})
+    train = TrainEvent(step=3, loss=2.0, lr=0.1, memory_gb_per_device=[0.5])
+    for sink in sinks:
+        sink.log(StartEvent(total_steps=9))  # not a scalar event: nothing reaches the trackers
+        sink.log(train)
+        sink.close()
+    want = scalars(train)
+    assert want == {"train/loss": 2.0, "train/lr": 0.1, "train/memory_gb/0": 0.5}
+    assert [c for c in calls if c[0] == "tensorboard"] == [
+        ("tensorboard", "init", {"logdir": str(tmp_path / "tensorboard")}),
+        *[("tensorboard", "scalar", 3, k, v) for k, v in want.items()], ("tensorboard", "finish")]
+    assert [c for c in calls if c[0] == "wandb"] == [
+        ("wandb", "init", {"project": "medvl", "name": "run-a", "dir": str(tmp_path), "config": {"lr": 0.1}}),
+        ("wandb", "log", 3, want), ("wandb", "finish")]
+    assert [c for c in calls if c[0] == "swanlab"] == [
+        ("swanlab", "init", {"project": "medvl", "experiment_name": "run-a", "logdir": str(tmp_path),
+                             "config": {"lr": 0.1}}),
+        ("swanlab", "log", 3, want), ("swanlab", "finish")]
+
+
 def test_resume_is_marked_and_reads_as_one_curve(tiny_dir, prepared_vqa, tmp_path):
     from medvl.config import load_recipe
     from medvl.engine.history import RunHistory

@@ -22,29 +22,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from medvl.atomic import follow_umask
+from medvl.checkpoint_files import checkpoint_dir, list_checkpoints, safe_torch_load, step_of
 from medvl.errors import MedvlError
-
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)
-             and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-
 
 @dataclass
 class Resumable:
@@ -180,7 +164,7 @@ def recipe_changes(saved: dict | None, recipe, path: Path) -> dict[str, tuple]:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise MedvlError(f"resuming {path.name} with settings that cannot change mid-run: {listed}. The "
                          "checkpoint's weights and data position belong to the old values (the batches after step "
-                         f"{_step_of(path)} would not be the ones the run would have seen)", where=str(path),
+                         f"{step_of(path)} would not be the ones the run would have seen)", where=str(path),
                          fix="put them back (the run's recipe is RUN/recipe.yaml), start a new run, or pass "
                              "--allow-recipe-change to resume anyway (recorded in metrics.jsonl and medvl_run.json)")
     return diff
@@ -206,11 +190,6 @@ def recipe_change_history(run_dir: Path) -> list[dict]:
                 if isinstance(event, dict) and event.get("kind") == "recipe_change":
                     out.append({k: event[k] for k in ("step", "changes", "forced") if k in event})
     return out
-
-
-def _step_of(path: Path) -> int:
-    m = _STEP_DIR.match(path.name)
-    return int(m.group(1)) if m else 0
 
 
 def _optimizer_settings(resumable: Resumable) -> dict:
@@ -255,48 +234,6 @@ def _read_trainer_state(path: Path) -> dict:
         raise MedvlError(f"{path / 'trainer_state.json'} is not a medvl trainer state", where=str(path),
                          fix="resume from another checkpoint (--resume PATH), or start the run again")
     return state
-
-
-# Plain classes that DeepSpeed and numpy put in their torch files; rebuilding them runs no user code.
-def _extra_safe_globals() -> list:
-    found = []
-    with contextlib.suppress(Exception):
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        found += [LossScaler, DynamicLossScaler, ZeroStageEnum]
-    with contextlib.suppress(Exception):
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        found.append(fragment_address)
-    return found
-
-
-@contextlib.contextmanager
-def safe_torch_load(where: Path):
-    """Every torch.load inside, by medvl or the libraries it calls (accelerate, DeepSpeed), is weights-only:
-    tensors, containers and a short list of plain classes. A file that needs anything else is refused."""
-    import pickle
-
-    import torch
-
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(_extra_safe_globals()):
-            yield
-    except pickle.UnpicklingError as exc:
-        blocked = re.search(r"GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        name = next((g for g in blocked.groups() if g), None) if blocked else None
-        raise MedvlError(f"refused to load {where}: it holds a pickled Python object"
-                         f"{f' ({name})' if name else ''} that could run code when loaded; medvl reads only tensors "
-                         "and plain data from checkpoints", where=str(where),
-                         fix="use a checkpoint written by medvl, or one you trust converted to safetensors") from None
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
 def save_trainable_only(accelerator) -> None:

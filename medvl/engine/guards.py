@@ -41,16 +41,12 @@ _DIVERGED_FIX = ("lower optim.lr (or raise optim.warmup_steps); with fp16 switch
 def last_good_checkpoint(run_dir: Path, before: int | None = None) -> Path | None:
     """The newest complete checkpoint (older than step `before`, when the trouble is known to start there):
     medvl writes none with non-finite or exploded weights or optimizer state."""
-    from medvl.engine.checkpoint import list_checkpoints
+    from medvl.checkpoint_files import list_checkpoints, step_of
 
     watch = _WATCH.get(str(run_dir))
-    found = [p for p in list_checkpoints(run_dir) if (before is None or _step(p) < before)
-             and (watch is None or watch.vouches_for(_step(p)))]
+    found = [p for p in list_checkpoints(run_dir) if (before is None or step_of(p) < before)
+             and (watch is None or watch.vouches_for(step_of(p)))]
     return found[-1] if found else None
-
-
-def _step(path: Path) -> int:
-    return int(path.name.split("-")[1])
 
 
 def diverged(what: str, step: int, run_dir: Path, *, before: int | None = None,

@@ -1,9 +1,6 @@
-"""What trains and how fast: freezing by parameter prefix, LoRA, per-module learning rates, the table.
-
-Groups come from the family table (vision tower, projector, language model, LM head), for both transformers
-layouts, so a flag does what it says: `freeze.language_model` freezes the language model and its head (in
-HuatuoGPT-Vision's trainer `lm_head` stayed trainable and, since transformers 4.52, `model.model` also holds the
-vision tower). The trainability table is printed before step 1 and saved with the run.
+"""What trains and how fast: the trainability table and the per-module learning-rate groups of a Plan (the plan
+itself, freezing and LoRA, live in medvl.plan, shared with the resolver). The trainability table is printed
+before step 1 and saved with the run.
 """
 
 from __future__ import annotations
@@ -11,21 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from medvl.families import Family
-
-GROUPS = ("vision", "projector", "language", "head")
-PEFT_PREFIX = "base_model.model."
-
-
-@dataclass
-class Plan:
-    """How each group trains: 'full', 'lora' or 'frozen', and its learning rate."""
-
-    modes: dict[str, str]
-    lrs: dict[str, float]
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_regex: str | None = None  # overrides the family's pattern
+from medvl.plan import GROUPS, Plan, apply_plan, group_of  # noqa: F401  apply_plan: engine/dryrun.py imports it here
 
 
 @dataclass
@@ -35,32 +18,6 @@ class Row:
     trainable: int
     mode: str
     lr: float | None
-
-
-def group_of(name: str, family: Family) -> str:
-    name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-    group = family.layout.group_of(name)
-    return "language" if group == "other" else group
-
-
-def apply_plan(model, family: Family, plan: Plan):
-    """Freeze, wrap with LoRA where asked, and return the (possibly peft-wrapped) model."""
-    lora_groups = {g for g, m in plan.modes.items() if m == "lora"}
-    if lora_groups:
-        from peft import LoraConfig, get_peft_model
-
-        regex = plan.lora_regex or family.lora_regex(vision="vision" in lora_groups,
-                                                     projector="projector" in lora_groups)
-        config = LoraConfig(r=plan.lora_r, lora_alpha=plan.lora_alpha, lora_dropout=plan.lora_dropout,
-                            target_modules=regex, task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
-    for name, p in model.named_parameters():
-        mode = plan.modes.get(group_of(name, family), "frozen")
-        if "lora_" in name:
-            p.requires_grad = mode == "lora"
-        else:
-            p.requires_grad = mode == "full"
-    return model
 
 
 def trainability(model, family: Family, plan: Plan) -> list[Row]:

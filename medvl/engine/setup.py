@@ -8,9 +8,9 @@ import json
 import os
 from pathlib import Path
 
-from medvl.engine.params import Plan
 from medvl.errors import MedvlError
 from medvl.families import Family, detect_family, get_family
+from medvl.plan import plan_from_recipe  # noqa: F401  engine/dryrun.py imports it from here
 
 
 def build_accelerator(recipe):
@@ -78,22 +78,6 @@ def deepspeed_config(recipe) -> dict:
     cfg.pop("train_batch_size", None)
     cfg["zero_allow_untested_optimizer"] = True
     return cfg
-
-
-def plan_from_recipe(recipe, family: Family) -> Plan:
-    f = recipe.freeze
-    lrs = {"language": recipe.optim.lr, "head": recipe.optim.lr,
-           "vision": recipe.optim.vision_lr or recipe.optim.lr, "projector": recipe.optim.projector_lr or recipe.optim.lr}
-    if recipe.method == "full":
-        modes = {"vision": "frozen" if f.vision_tower else "full", "projector": "frozen" if f.projector else "full",
-                 "language": "frozen" if f.language_model else "full", "head": "frozen" if f.language_model else "full"}
-        return Plan(modes, lrs)
-    lora = recipe.lora
-    # LoRA: adapters where asked; every other group stays frozen (the base weights never change).
-    modes = {"language": "lora", "head": "frozen", "vision": "lora" if lora.include_vision else "frozen",
-             "projector": "lora" if lora.include_projector else "frozen"}
-    regex = None if lora.target == "language" else lora.target
-    return Plan(modes, lrs, lora_r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_regex=regex)
 
 
 def load_for_training(recipe, accelerator):

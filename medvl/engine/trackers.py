@@ -1,6 +1,6 @@
 """Optional experiment trackers fed from the same typed metric events as metrics.jsonl: TensorBoard, Weights &
-Biases, SwanLab (`output.report_to`). Each plots `scalars(event)`; a missing package is a clear error before
-training starts."""
+Biases, SwanLab (`output.report_to`), through accelerate's own trackers. Each plots `scalars(event)`
+(medvl/engine/metrics.py, the one source of values); a missing package is a clear error before training starts."""
 
 from __future__ import annotations
 
@@ -9,61 +9,43 @@ from pathlib import Path
 from medvl.engine.metrics import Event, MetricSink, scalars
 
 
-class TensorBoardSink:
-    def __init__(self, log_dir: str | Path):
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+class TrackerSink:
+    """A MetricSink over an accelerate tracker (`start()`, `log(values, step=)`, `finish()`). The trackers log
+    through accelerate's state, so they are built after the Accelerator (engine/train.py, main process only)."""
 
-        self._w = SummaryWriter(str(log_dir))
-
-    def log(self, event: Event) -> None:
-        for k, v in (scalars(event) or {}).items():
-            self._w.add_scalar(k, v, event.step)
-
-    def close(self) -> None:
-        self._w.close()
-
-
-class WandbSink:
-    def __init__(self, run_dir: str | Path, name: str, config: dict):
-        import wandb
-
-        self._run = wandb.init(project="medvl", name=name, dir=str(run_dir), config=config)
+    def __init__(self, tracker):
+        tracker.start()  # what Accelerator.init_trackers would do; medvl keeps its own sinks instead
+        self.tracker = tracker
 
     def log(self, event: Event) -> None:
         if (values := scalars(event)) is not None:
-            self._run.log(values, step=event.step)
+            self.tracker.log(values, step=event.step)
 
     def close(self) -> None:
-        self._run.finish()
+        self.tracker.finish()
 
 
-class SwanlabSink:
-    def __init__(self, run_dir: str | Path, name: str, config: dict):
-        import swanlab
+def _tracker(backend: str, run_dir: Path, name: str, config: dict):
+    from accelerate.tracking import SwanLabTracker, TensorBoardTracker, WandBTracker
 
-        self._run = swanlab.init(project="medvl", experiment_name=name, logdir=str(run_dir), config=config)
-
-    def log(self, event: Event) -> None:
-        if (values := scalars(event)) is not None:
-            self._run.log(values, step=event.step)
-
-    def close(self) -> None:
-        self._run.finish()
+    makers = {  # the same init calls medvl made itself: project "medvl", the run's name, its directory, the recipe
+        "tensorboard": lambda: TensorBoardTracker("tensorboard", run_dir),  # logging_dir/run_name: RUN/tensorboard
+        "wandb": lambda: WandBTracker("medvl", name=name, dir=str(run_dir), config=config),  # run_name: the project
+        "swanlab": lambda: SwanLabTracker("medvl", experiment_name=name, logdir=str(run_dir), config=config),
+    }
+    return makers[backend]()
 
 
 def reporting_sinks(report_to: list[str], run_dir: Path, name: str, config: dict) -> list[MetricSink]:
     """Optional backends; a missing package is a clear error before training starts, not at step 1000."""
     from medvl.errors import MedvlError
 
-    makers = {"tensorboard": (lambda: TensorBoardSink(run_dir / "tensorboard"), "tensorboard"),
-              "wandb": (lambda: WandbSink(run_dir, name, config), "wandb"),
-              "swanlab": (lambda: SwanlabSink(run_dir, name, config), "swanlab")}
     sinks = []
     for backend in report_to:
-        make, package = makers[backend]
         try:
-            sinks.append(make())
+            sinks.append(TrackerSink(_tracker(backend, Path(run_dir), name, config)))
         except ImportError:
-            raise MedvlError(f"output.report_to lists {backend} but the '{package}' package is not installed",
-                             fix=f"pip install {package}, or remove {backend} from output.report_to") from None
+            # the package is named as the backend (accelerate also takes tensorboardX for tensorboard)
+            raise MedvlError(f"output.report_to lists {backend} but the '{backend}' package is not installed",
+                             fix=f"pip install {backend}, or remove {backend} from output.report_to") from None
     return sinks

@@ -30,11 +30,12 @@ from medvl.engine.metrics import (CheckpointEvent, EndEvent, EvalEvent, Fanout, 
                                   device_stats, dir_size, process_facts, record_stop, trainable_params)
 from medvl.engine.trackers import reporting_sinks
 from medvl.engine.optim import build_optimizer, build_scheduler
-from medvl.engine.params import apply_plan, param_groups, rows_as_dicts, trainability
-from medvl.engine.setup import build_accelerator, load_for_training, plan_from_recipe, prepare_run_dir
+from medvl.engine.params import param_groups, rows_as_dicts, trainability
+from medvl.engine.setup import build_accelerator, load_for_training, prepare_run_dir
 from medvl.engine.validate import benchmark_eval, eval_loss, load_benchmark
 from medvl.errors import MedvlError
 from medvl.models import tokenizer_of
+from medvl.plan import apply_plan, plan_from_recipe
 from medvl.versions import library_versions
 
 

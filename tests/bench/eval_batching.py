@@ -21,15 +21,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Image sizes chosen so the tiny Qwen processor (28-pixel grid, 4..64 merged tokens) gives different visual token
+# counts, hence prompts of different lengths inside one batch: left padding is actually exercised. The tests
+# (tests/test_eval_generate.py) use these items too.
 SIZES = [(56, 56), (180, 120), (84, 140), (200, 200), (64, 96), (120, 60), (150, 150), (70, 210)]
 WORDS = "liver kidney spleen heart lung brain bone colon pancreas".split()
 
 
 def make_items(root: Path, n: int):
+    """n items with images of the SIZES and questions of different lengths (3..14 words)."""
     from PIL import Image
 
     from medvl.evaluate.suites import EvalItem
 
+    root.mkdir(parents=True, exist_ok=True)
     items = []
     for i in range(n):
         w, h = SIZES[i % len(SIZES)]
