@@ -90,6 +90,8 @@ class TrainConsole:
             self.console.print(f"[bold]run[/] {event['run_dir']}  family {event['family']}  "
                                f"{event['world_size']} process(es), {event['distributed']}, {event['device']}  "
                                f"global batch {event['global_batch']}  steps {event['start_step']}->{event['total_steps']}")
+            if event.get("packing"):
+                self.console.print(f"[dim]{event['packing']}[/]")
             if self.console.is_terminal:
                 from rich.live import Live
 

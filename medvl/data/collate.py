@@ -240,9 +240,22 @@ def model_inputs(model, family: Family, batch: dict) -> dict:
     # No KV cache in training; with one, transformers also skips packed-sequence detection and packed samples
     # would attend to each other.
     kwargs["use_cache"] = False
-    if "position_ids" in kwargs and family.mrope:
-        kwargs["position_ids"] = packed_mrope_position_ids(model, batch)
+    if "position_ids" in kwargs:
+        # A packed row: its sample boundaries, which flash_attention_2 (varlen) and medvl's per-sample sdpa
+        # (medvl.engine.packing) read; plain sdpa/eager ignore them and mask by the restarting positions.
+        kwargs.update(varlen_kwargs(batch["seq_lens"]))
+        if family.mrope:
+            kwargs["position_ids"] = packed_mrope_position_ids(model, batch)
     return kwargs
+
+
+def varlen_kwargs(seq_lens) -> dict:
+    """The keywords transformers forwards to the attention function for a packed row (cumulative lengths)."""
+    import torch
+
+    cu = torch.nn.functional.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    n = int(seq_lens.max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": n, "max_length_k": n}
 
 
 

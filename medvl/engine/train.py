@@ -27,8 +27,10 @@ from medvl.engine.batches import build_data, keepalive_sample, make_loader
 from medvl.engine.loss import supervised_tokens, token_loss_sum
 from medvl.engine.metrics import Fanout, JsonlSink, reporting_sinks
 from medvl.engine.optim import build_optimizer, build_scheduler
+from medvl.engine.packing import use_segment_attention
 from medvl.engine.params import apply_plan, param_groups, rows_as_dicts, trainability
 from medvl.engine.setup import build_accelerator, load_for_training, plan_from_recipe, prepare_run_dir
+from medvl.engine.throughput import flops_per_token, mfu, peak_flops
 from medvl.engine.validate import benchmark_eval, eval_loss, load_benchmark
 from medvl.errors import MedvlError
 from medvl.models import tokenizer_of
@@ -85,7 +87,12 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     if not any(r["trainable"] for r in table):
         raise MedvlError("nothing is trainable with this recipe", fix="unfreeze a group or use method: lora")
 
-    dataset, train_ids, batch_plan, val = build_data(recipe, family, processor, accelerator)
+    dataset, train_ids, batch_plan, val, packing_note = build_data(recipe, family, processor, accelerator)
+    packed = batch_plan.pack_budget is not None
+    if packed:
+        use_segment_attention(model)  # sdpa: attention per packed sample (medvl/engine/packing.py)
+    flops_token, peak = flops_per_token(model, family), peak_flops(accelerator.device, recipe.train.precision,
+                                                                   recipe.model.dtype)
     total_steps = recipe.train.max_steps or max(1, int(batch_plan.steps_per_epoch * recipe.train.epochs))
     optimizer = build_optimizer(param_groups(model, family, plan, recipe.optim.weight_decay),
                                 betas=recipe.optim.betas, eps=recipe.optim.eps)
@@ -113,12 +120,13 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                   "start_step": start, "world_size": accelerator.num_processes, "global_batch": recipe.global_batch,
                   "steps_per_epoch": batch_plan.steps_per_epoch, "samples": len(train_ids),
                   "dropped_per_epoch": batch_plan.dropped_per_epoch(), "table": table,
-                  "distributed": accelerator.distributed_type.name, "device": str(accelerator.device)})
+                  "distributed": accelerator.distributed_type.name, "device": str(accelerator.device),
+                  "packing": packing_note})
 
     tok = tokenizer_of(processor)
     keepalive = keepalive_sample(processor, family) if family.is_vision and _needs_keepalive(recipe, table) else None
     loader = make_loader(dataset, train_ids, batch_plan, accelerator.process_index, start, total_steps,
-                         recipe.data.num_workers, tok.pad_token_id, recipe.data.packing, keepalive)
+                         recipe.data.num_workers, tok.pad_token_id, packed, keepalive)
     dtype = next(p for p in model.parameters()).dtype
 
     result = RunResult(run_dir, run_dir / "final", start, table=table)
@@ -170,6 +178,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": window_tokens,
                       "tokens_per_s": round(tokens_seen / elapsed, 1), "samples_per_s": round(samples_seen / elapsed, 3),
                       "input_tokens_per_s": round(inputs_seen / elapsed, 1),
+                      **({"mfu": mfu(flops_token, inputs_seen / elapsed, peak, accelerator.num_processes)} if peak else {}),
                       "memory_gb": _memory_gb(accelerator), "eta_s": round(elapsed / done * (total_steps - step - 1), 1),
                       "rejected": n_rejected})
         if val is not None and recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:

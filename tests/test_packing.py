@@ -1,0 +1,116 @@
+"""Per-sample attention for packed rows (medvl_sdpa_segments) and `data.packing: auto`."""
+
+import pytest
+import torch
+
+from medvl.data.collate import collate, encode_record, model_inputs
+from medvl.engine import packing
+from medvl.engine.loss import token_loss_sum
+from medvl.families import get_family
+from medvl.models import load_model, load_processor
+
+from .conftest import FAMILIES
+from .test_collate import ONE, TEXT, TWO, _images
+
+
+def _encs(family, proc):
+    fam = get_family(family)
+    pairs = [(TEXT, []), (dict(TEXT, id="t2"), [])] + ([(ONE, _images(1)), (TWO, _images(2))] if fam.is_vision else [])
+    return [encode_record(r, i, proc, fam) for r, i in pairs]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_segment_attention_packed_equals_unpacked(family, tiny_dir, monkeypatch):
+    fam = get_family(family)
+    model, proc = load_model(tiny_dir(family)).eval(), load_processor(tiny_dir(family))
+    pad = getattr(proc, "tokenizer", proc).pad_token_id
+    encs = _encs(family, proc)
+    with torch.no_grad():
+        single = sum(float(token_loss_sum(model, fam, collate([e], pad))) for e in encs)
+        assert packing.use_segment_attention(model)
+        calls = []
+        real = packing.segment_attention
+        monkeypatch.setattr(packing, "segment_attention", lambda *a, **k: calls.append(k.get("cu_seq_lens_q")) or real(*a, **k))
+        packing.register()
+        packed_batch = collate(encs, pad, pack=True)
+        packed = float(token_loss_sum(model, fam, packed_batch))
+        padded = float(token_loss_sum(model, fam, collate(encs, pad)))
+    assert packed == pytest.approx(single, rel=1e-5)
+    assert padded == pytest.approx(single, rel=1e-5)
+    # every language layer of the packed forward ran per sample, with the row's boundaries
+    text_calls = [c for c in calls if c is not None]
+    assert len(text_calls) == model.config.get_text_config().num_hidden_layers
+    bounds = [0] + packed_batch["seq_lens"].cumsum(0).tolist()
+    assert all(c.tolist() == bounds for c in text_calls)
+
+
+def test_segment_attention_gradients_equal_block_mask(tiny_dir):
+    """Training through per-sample sdpa gives the gradients of transformers' block-mask path."""
+    family = "qwen2.5-vl"
+    fam = get_family(family)
+    proc = load_processor(tiny_dir(family))
+    batch = collate(_encs(family, proc), getattr(proc, "tokenizer", proc).pad_token_id, pack=True)
+    grads = []
+    for segments in (False, True):
+        model = load_model(tiny_dir(family))
+        if segments:
+            packing.use_segment_attention(model)
+        token_loss_sum(model, fam, batch).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_packed_inputs_carry_sample_boundaries(tiny_dir):
+    family = "causal-lm"
+    proc = load_processor(tiny_dir(family))
+    model = load_model(tiny_dir(family))
+    encs = _encs(family, proc)
+    kw = model_inputs(model, get_family(family), collate(encs, proc.pad_token_id, pack=True))
+    n = [len(e) for e in encs]
+    assert kw["cu_seq_lens_q"].tolist() == [0, n[0], n[0] + n[1]] and kw["max_length_q"] == max(n)
+    assert "cu_seq_lens_q" not in model_inputs(model, get_family(family), collate(encs, proc.pad_token_id))
+
+
+def test_eager_models_keep_the_block_mask(tiny_dir):
+    model = load_model(tiny_dir("causal-lm"), attn_implementation="eager")
+    assert not packing.use_segment_attention(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_auto_packs_where_attention_runs_per_sample():
+    uneven = [20, 200] * 32
+    pack, why = packing.resolve_packing("auto", "sdpa", uneven, 8)
+    assert pack is True and why.startswith("data.packing auto -> packed: sdpa attends per sample")
+    assert why.endswith(f"padded micro-batches would be {packing.padded_waste(uneven, 8):.0%} padding")
+    assert packing.resolve_packing("auto", "flash_attention_2", uneven, 8)[0] is True
+    pack, why = packing.resolve_packing("auto", "eager", uneven, 8)
+    assert pack is False and "eager attention masks a packed row as a whole" in why
+    assert packing.resolve_packing(True, "eager", uneven, 8) == (True, "data.packing: true")
+    assert packing.resolve_packing(False, "sdpa", uneven, 8) == (False, "data.packing: false")
+
+
+def test_padded_waste_of_the_planned_batches():
+    assert packing.padded_waste([100] * 16, 8) == 0.0
+    # every padded batch of 2 holds one 20- and one 200-token sample, or two of one kind: at most 45 % padding
+    assert 0.0 < packing.padded_waste([20, 200] * 8, 2) <= 1 - 220 / 400 + 1e-9
+
+
+def test_auto_packing_trains_and_says_which_in_the_header(tiny_dir, prepared_vqa, tmp_path):
+    from medvl.engine.metrics import ListSink
+    from medvl.engine.train import train
+
+    from .test_train import recipe
+
+    sink = ListSink()
+    # sdpa: auto packs (and runs medvl_sdpa_segments); the header says so with the padding it avoids
+    res = train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", "data.packing=auto",
+                       "train.max_steps=4"), sinks=[sink])
+    start = next(e for e in sink.events if e["kind"] == "start")
+    assert start["packing"].startswith("data.packing auto -> packed: sdpa attends per sample")
+    assert start["packing"].endswith("% padding")
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    train_events = [e for e in sink.events if e["kind"] == "train"]
+    assert all(e["input_tokens_per_s"] > 0 and e["tokens_per_s"] > 0 for e in train_events)
+    assert all("mfu" not in e for e in train_events)  # CPU: no known peak, no invented MFU
