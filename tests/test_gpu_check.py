@@ -23,7 +23,8 @@ def test_without_a_gpu_it_says_so_and_exits_cleanly():
 def test_smoke_runs_every_cpu_capable_case():
     out = _run("--smoke", "--steps", "2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    lines = {line.split()[1]: line.split()[0] for line in out.stdout.splitlines() if line[:4] in ("PASS", "SKIP", "FAIL")}
+    lines = {line.split()[1]: line.split()[0] for line in out.stdout.splitlines()
+             if line[:4] in ("PASS", "SKIP", "FAIL")}
     assert {k: v for k, v in lines.items() if v == "PASS"}.keys() == {"full", "lora", "packed-sdpa", "eval-generate"}
     assert lines["qlora"] == lines["zero2"] == lines["padded-fa2"] == "SKIP"
     assert "0 failed" in out.stdout

@@ -30,7 +30,8 @@ def test_segment_attention_packed_equals_unpacked(family, tiny_dir, monkeypatch)
         assert packing.use_segment_attention(model)
         calls = []
         real = packing.segment_attention
-        monkeypatch.setattr(packing, "segment_attention", lambda *a, **k: calls.append(k.get("cu_seq_lens_q")) or real(*a, **k))
+        monkeypatch.setattr(packing, "segment_attention",
+                            lambda *a, **k: calls.append(k.get("cu_seq_lens_q")) or real(*a, **k))
         packing.register()
         packed_batch = collate(encs, pad, pack=True)
         packed = float(token_loss_sum(model, fam, packed_batch))
@@ -114,3 +115,24 @@ def test_auto_packing_trains_and_says_which_in_the_header(tiny_dir, prepared_vqa
     train_events = [e for e in sink.events if e["kind"] == "train"]
     assert all(e["input_tokens_per_s"] > 0 and e["tokens_per_s"] > 0 for e in train_events)
     assert all("mfu" not in e for e in train_events)  # CPU: no known peak, no invented MFU
+
+
+@pytest.mark.slow
+def test_packed_rows_under_ddp_match_one_process(tiny_dir, prepared_vqa, tmp_path):
+    """2 DDP processes on packed Qwen2.5-VL rows (per-sample sdpa, mRoPE positions through the DDP wrapper) follow
+    one process with grad_accum 2 over the same rows."""
+    import json
+
+    from medvl.engine.launch import run_launched
+    from medvl.engine.train import train
+
+    from .test_train import recipe
+
+    common = ["train.max_steps=3", "data.packing=true", "data.max_seq_len=128"]
+    ref = train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "single", *common, "train.grad_accum=2"))
+    r = recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", *common, "distributed.nproc=2",
+               "distributed.strategy=ddp")
+    assert run_launched(r) == 0
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")
+              if json.loads(line)["kind"] == "train"]
+    assert losses == pytest.approx(ref.losses, abs=1e-5)

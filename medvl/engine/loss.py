@@ -47,8 +47,8 @@ def token_loss_sum(model, family, batch, *, chunk_tokens: int | None = CHUNK_TOK
     if chunk_tokens is None or head is None or _transforms_logits(inner):
         out = model(**model_inputs(inner, family, batch))
         logits = out.logits[:, :-1].float()
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten().to(logits.device),
-                                                 ignore_index=IGNORE, reduction="sum")
+        labels = batch["labels"][:, 1:].flatten().to(logits.device)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels, ignore_index=IGNORE, reduction="sum")
     with _capture_head_input(head) as captured:
         model(**model_inputs(inner, family, batch))  # inner: rope helpers, not the DDP wrapper
     hidden = captured[0][:, :-1]

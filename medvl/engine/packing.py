@@ -12,13 +12,17 @@ torch 2.13's own `torch.nn.attention.varlen.varlen_attn` runs only on CUDA (on C
 aten::_flash_attention_forward), so it is not an option for the CPU path.
 
 `auto` packs when the attention runs per sample (sdpa, flash_attention_2) and pads with eager, from
-tests/bench/train_throughput.py (tiny Qwen2.5-VL, 2-core CPU, medians of 3 interleaved rounds, supervised
-tokens/s relative to padded micro-batches of 8):
-    data (padding of padded batches)   block mask over the row   per-sample sdpa
-    short answers, like the demo (6 %)          0.76x                1.76x
-    1-40-word answers (29 %)                    0.72x                3.12x
-Per-sample attention wins even with little padding because a row of 8 x 256 token slots holds ~5x the
-samples of a padded micro-batch, so the fixed per-step costs (optimizer, bookkeeping) are shared by more.
+tests/bench/train_throughput.py (tiny Qwen2.5-VL, shared 2-core CPU; speed relative to padded micro-batches of 8):
+    data (padding of padded batches)     block mask over the row   per-sample sdpa
+    short answers, like the demo (6 %)
+      forward + backward, same samples            0.38x                 1.30x
+      end to end, supervised tokens/s         0.52-0.76x            1.04-1.76x
+    1-40-word answers (29 %)
+      forward + backward, same samples            0.37x                 1.36x
+      end to end, supervised tokens/s         0.42-0.72x            1.16-3.12x
+(end to end: medians of 3-5 interleaved rounds; the range over three such runs on a machine shared with other jobs.)
+Per-sample attention wins even with little padding: one packed row runs the layers once for ~40 short
+samples where padded batches run them 5 times, and the fixed per-step costs are shared by more samples.
 """
 
 from __future__ import annotations

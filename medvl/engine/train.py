@@ -178,7 +178,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": window_tokens,
                       "tokens_per_s": round(tokens_seen / elapsed, 1), "samples_per_s": round(samples_seen / elapsed, 3),
                       "input_tokens_per_s": round(inputs_seen / elapsed, 1),
-                      **({"mfu": mfu(flops_token, inputs_seen / elapsed, peak, accelerator.num_processes)} if peak else {}),
+                      **({"mfu": mfu(flops_token, inputs_seen / elapsed, peak, accelerator.num_processes)}
+                         if peak else {}),
                       "memory_gb": _memory_gb(accelerator), "eta_s": round(elapsed / done * (total_steps - step - 1), 1),
                       "rejected": n_rejected})
         if val is not None and recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:

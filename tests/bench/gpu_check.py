@@ -112,6 +112,7 @@ def train_case(ctx: dict, name: str, *extra: str, nproc: int = 1) -> dict:
             f"train.device={'cuda' if gpu else 'cpu'}",
             *(["model.dtype=bf16", "train.precision=bf16"] if gpu else []), *extra]
     recipe = load_recipe("tiny_cpu", base + ([f"distributed.nproc={nproc}"] if nproc > 1 else []))
+    _fresh_memory(gpu)  # memory_gb is the process's peak: reset it so each case reports its own
     if nproc > 1:
         from medvl.engine.launch import run_launched
 
@@ -129,6 +130,17 @@ def train_case(ctx: dict, name: str, *extra: str, nproc: int = 1) -> dict:
             "peak_gb": max(e["memory_gb"] for e in steps), "note": f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"}
 
 
+def _fresh_memory(gpu: bool) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def generate_case(ctx: dict) -> dict:
     import torch
 
@@ -139,8 +151,7 @@ def generate_case(ctx: dict) -> dict:
 
     family = get_family("qwen2.5-vl")
     device = torch.device("cuda" if ctx["gpu"] else "cpu")
-    if ctx["gpu"]:
-        torch.cuda.reset_peak_memory_stats()
+    _fresh_memory(ctx["gpu"])
     processor = load_processor(ctx["model"], family)
     apply_resolution(processor, family, ctx["pixels"], ctx["pixels"])
     model = load_model(ctx["model"], family, dtype="bf16" if ctx["gpu"] else "fp32").to(device).eval()
@@ -181,8 +192,8 @@ def cases(ctx: dict):
             if not ctx["gpu"]:
                 raise Skip("flash_attention_2 needs CUDA")
             need("flash_attn", "flash-attn is not installed (pip install flash-attn --no-build-isolation)")
-            return train_case(ctx, f"{'packed' if packed else 'padded'}-fa2", "model.attn_implementation=flash_attention_2",
-                              f"data.packing={str(packed).lower()}")
+            return train_case(ctx, f"{'packed' if packed else 'padded'}-fa2",
+                              "model.attn_implementation=flash_attention_2", f"data.packing={str(packed).lower()}")
         return run
 
     def zero(stage: int):
@@ -227,7 +238,8 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        print(f"device: {torch.cuda.get_device_name(0) if gpu else 'cpu (smoke, fp32)'}; building a 2-layer Qwen2.5-VL at "
+        device = torch.cuda.get_device_name(0) if gpu else "cpu (smoke, fp32)"
+        print(f"device: {device}; building a 2-layer Qwen2.5-VL at "
               f"{'the 7B' if gpu else 'tiny'} widths and {'256' if gpu else '32'} samples ...", flush=True)
         build_model(root / "model", w, gpu)
         data = build_data(root, root / "model", w, n=256 if gpu else 32)

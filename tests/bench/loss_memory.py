@@ -51,7 +51,8 @@ def run(seqs: list[int]) -> list[dict]:
     from medvl.engine.loss import CHUNK_TOKENS
 
     rows = []
-    print(f"{'seq':>6} {'plain (before) GB':>18} {'chunked GB':>11} {'ratio':>6}   (peak RSS of the process; vocab {VOCAB})")
+    print(f"{'seq':>6} {'plain (before) GB':>18} {'chunked GB':>11} {'ratio':>6}   "
+          f"(peak RSS of the process; vocab {VOCAB})")
     for seq in seqs:
         plain, chunked = measure(seq, None), measure(seq, CHUNK_TOKENS)
         if abs(plain["loss"] - chunked["loss"]) > 1e-4 * abs(plain["loss"]):

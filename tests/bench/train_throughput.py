@@ -7,7 +7,8 @@ Data: 2,000 easy-vqa questions (64x64 images -> 4 visual tokens), answers as the
 the demo's) or padded out to 1-40 words ("varied"). Micro-batch 8 padded vs rows of 8 x 256 token slots
 packed; packed runs take a fifth of the steps (a row holds ~5x the samples). Runs are interleaved round by round
 in one process and the median per layout is reported, with the ratio to padded: supervised tokens/s (the work
-that trains), input tokens/s and samples/s.
+that trains), input tokens/s and samples/s. Then the compute alone: forward + backward of the same samples in
+each layout (no data loading, no optimizer), the less noisy figure on a shared machine.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 LAYOUTS = ("padded", "packed-mask", "packed-segments")
@@ -84,8 +86,52 @@ def run(rounds: int, padded_steps: int) -> dict:
                     steps = padded_steps if layout == "padded" else max(2, padded_steps // 5)
                     results.setdefault(kind, {}).setdefault(layout, []).append(one_run(root, data, layout, steps))
             print(f"round {r + 1}/{rounds} done", file=sys.stderr)
-    report(results)
+        report(results)
+        print("\ncompute only (forward + backward of one 2,048-token row's samples, median of 15 interleaved):")
+        for kind, data in datasets.items():
+            t = compute_only(root, data)
+            print(f"{kind:>7} " + "  ".join(f"{lay} {t[lay] * 1000:.0f} ms ({t['padded'] / t[lay]:.2f}x padded)"
+                                           for lay in LAYOUTS))
     return results
+
+
+def compute_only(root: Path, data: Path, rounds: int = 15) -> dict:
+    """Forward + backward of the same samples (one 2,048-token row's worth) as padded micro-batches of 8, one
+    packed row with the block mask, one packed row per sample: seconds, median of interleaved repeats. No data
+    loading or optimizer, so far less noisy than the end-to-end figures on a shared machine."""
+    from medvl.data.collate import collate
+    from medvl.data.dataset import EncodedDataset, index_prepared
+    from medvl.engine.batches import load_image
+    from medvl.engine.loss import token_loss_sum
+    from medvl.engine.packing import use_segment_attention
+    from medvl.families import get_family
+    from medvl.models import apply_resolution, load_model, load_processor
+
+    fam = get_family("qwen2.5-vl")
+    proc = load_processor(root / "tiny", fam)
+    apply_resolution(proc, fam, 3136, 12544)
+    ds = EncodedDataset(index_prepared([data]), proc, fam, loss_mask="all", max_seq_len=256, load_image=load_image)
+    encs, used = [], 0
+    for i in range(len(ds)):
+        if used + len(ds[i]) > 8 * 256:
+            break
+        encs.append(ds[i])
+        used += len(ds[i])
+    pad = proc.tokenizer.pad_token_id
+    batches = {"padded": [collate(encs[i:i + 8], pad) for i in range(0, len(encs), 8)],
+               "packed-mask": [collate(encs, pad, pack=True)], "packed-segments": [collate(encs, pad, pack=True)]}
+    models = {name: load_model(root / "tiny", fam).train() for name in LAYOUTS}
+    use_segment_attention(models["packed-segments"])
+    times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    for r in range(rounds + 1):
+        for name in LAYOUTS:
+            t0 = time.perf_counter()
+            for b in batches[name]:
+                token_loss_sum(models[name], fam, b).backward()
+            models[name].zero_grad(set_to_none=True)
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def report(results: dict) -> None:
