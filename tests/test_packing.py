@@ -45,6 +45,24 @@ def test_segment_attention_packed_equals_unpacked(family, tiny_dir, monkeypatch)
     assert all(c.tolist() == bounds for c in text_calls)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).is_vision])
+def test_sample_boundaries_never_reach_the_vision_tower(family, tiny_dir):
+    """The row's cu_seq_lens are for the language model only: a vision tower given them would (with flash
+    attention) attend over the text's boundaries, or fail on its own cu_seq_lens keyword."""
+    model, proc = load_model(tiny_dir(family)), load_processor(tiny_dir(family))
+    seen = []
+    layout = get_family(family).layout
+    text_keys = {"cu_seq_lens_q", "max_length_q"}
+    for name, mod in model.named_modules():
+        if any((name + ".").startswith(p) for p in layout.vision):
+            mod.register_forward_pre_hook(lambda m, a, k: seen.append(bool(text_keys & set(k))), with_kwargs=True)
+    batch = collate(_encs(family, proc), getattr(proc, "tokenizer", proc).pad_token_id, pack=True)
+    assert "cu_seq_lens_q" in model_inputs(model, get_family(family), batch)
+    with torch.no_grad():
+        token_loss_sum(model, get_family(family), batch)
+    assert seen and not any(seen)
+
+
 def test_segment_attention_gradients_equal_block_mask(tiny_dir):
     """Training through per-sample sdpa gives the gradients of transformers' block-mask path."""
     family = "qwen2.5-vl"

@@ -60,10 +60,13 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(k, None)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if cu is None or not causal or attention_mask is not None or query.shape[0] != 1 \
-            or query.shape[2] != key.shape[2]:
+    if cu is None or not causal:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2] or attention_mask is not None:
+        # medvl packs one row per micro-batch, without padding or cache; anything else would need a mask here
+        raise ValueError(f"per-sample attention takes one packed row without mask or cache, got a batch of "
+                         f"{query.shape[0]}, {query.shape[2]} queries over {key.shape[2]} keys")
     bounds = cu.tolist()
     outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout=dropout,
                                    scaling=scaling, is_causal=True, **kwargs)[0]
