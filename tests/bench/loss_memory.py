@@ -3,6 +3,8 @@ the chunked loss, at Qwen's 151,936-token vocabulary; each measurement in a fres
 
     python -m tests.bench.loss_memory [SEQ ...]        (default: 2048 4096)
 
+Exit status 1 when the chunked peak at the longest sequence is over half the plain one.
+
 Model: a 2-layer Qwen2 causal LM, hidden 64, fp32, random weights, so the logits dominate as they do for a
 real model's loss; every token supervised (text SFT, the worst case for the loss).
 """
@@ -63,5 +65,10 @@ def run(seqs: list[int]) -> list[dict]:
     return rows
 
 
+TARGET_RATIO = 0.5  # issue 15: peak at seq 4096 at most half the plain loss's
+
+
 if __name__ == "__main__":
-    run([int(a) for a in sys.argv[1:]] or [2048, 4096])
+    rows = run([int(a) for a in sys.argv[1:]] or [2048, 4096])
+    if rows[-1]["ratio"] > TARGET_RATIO:
+        raise SystemExit(f"chunked/plain peak {rows[-1]['ratio']:.2f} at seq {rows[-1]['seq']}: over {TARGET_RATIO}")
