@@ -98,3 +98,16 @@ def test_logits_bytes():
     assert logits_bytes(4096, 151936, None) == 4096 * 151936 * 12
     assert logits_bytes(4096, 151936) == 1024 * 151936 * 12
     assert logits_bytes(100, 151936) == 100 * 151936 * 12
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_chunked_loss_under_gradient_checkpointing_trains(method, tiny_dir, prepared_vqa, tmp_path):
+    """Recomputed decoder layers (use_reentrant=False) and the captured head input work together."""
+    from medvl.engine.train import train
+
+    from .test_train import recipe
+
+    extra = ["method=lora", "optim.lr=5e-3"] if method == "lora" else []
+    res = train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", "train.max_steps=6",
+                       "train.gradient_checkpointing=true", "train.vision_gradient_checkpointing=true", *extra))
+    assert all(torch.isfinite(torch.tensor(res.losses))) and res.losses[-1] < res.losses[0]
