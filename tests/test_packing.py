@@ -154,3 +154,29 @@ def test_packed_rows_under_ddp_match_one_process(tiny_dir, prepared_vqa, tmp_pat
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")
               if json.loads(line)["kind"] == "train"]
     assert losses == pytest.approx(ref.losses, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).mrope])
+def test_packed_mrope_positions_equal_per_sample_ones(family, tiny_dir):
+    """One rope-index call over the row, offsets removed, equals each sample's own positions stacked."""
+    from medvl.data.collate import packed_mrope_position_ids
+
+    model, proc = load_model(tiny_dir(family)), load_processor(tiny_dir(family))
+    encs = _encs(family, proc)
+    encs = [encs[2], encs[0], encs[3], encs[1]]  # image, text, two images, text: offsets after every kind
+    pad = proc.tokenizer.pad_token_id
+    got = packed_mrope_position_ids(model, collate(encs, pad, pack=True))
+    want = []
+    for e in encs:
+        one = collate([e], pad)
+        if e.n_images:
+            pos, _ = model.model.get_rope_index(one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"],
+                                                image_grid_thw=one["image_grid_thw"],
+                                                attention_mask=torch.ones_like(one["input_ids"]))
+        else:
+            pos = torch.arange(len(e)).view(1, 1, -1).expand(3, 1, -1)
+        want.append(torch.cat([torch.arange(len(e)).view(1, 1, -1), pos.long()], dim=0))
+    want = torch.cat(want, dim=2)
+    assert got.shape == (4, 1, sum(len(e) for e in encs))
+    assert torch.equal(got, want)
+    assert int(want[1:].max()) < max(len(e) for e in encs)  # positions restart: never the row's length
