@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench completions clean
+.PHONY: demo test test-fast bench gpu-check completions clean
 
 # Reinstall when the dependency list changes; editable install, so code edits need nothing. The exact verified
 # versions come from medvl/constraints.txt (pyproject.toml declares only ranges, for users' own GPU boxes).
@@ -25,6 +25,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m tests.bench.run_all
+
+# On a CUDA machine: bf16 full/LoRA/QLoRA steps of a 2-layer Qwen2.5-VL at the 7B's widths, packed vs padded,
+# flash-attention, DeepSpeed ZeRO-2/3 on 2 GPUs, generation; PASS/FAIL/SKIP per case (tests/bench/gpu_check.py).
+# bitsandbytes is optional (the QLoRA case SKIPs without it); 8 minutes at most.
+gpu-check: $(STAMP)
+	$(BIN)/python -m pip install --quiet bitsandbytes==0.50.2 || echo "bitsandbytes did not install: QLoRA will SKIP"
+	HF_HUB_OFFLINE=1 timeout 480 $(BIN)/python -m tests.bench.gpu_check
 
 completions: $(STAMP)
 	$(BIN)/python -m medvl.commands.completion_gen completions

@@ -40,7 +40,7 @@ def print_error(exc) -> None:
     if exc.fix:
         body.append("\nfix:   ", style="bold green").append(exc.fix)
     err_console.print(Panel(body, title="[bold red]error[/]", title_align="left", border_style="red", expand=False),
-                      soft_wrap=False)  # off a terminal the console soft-wraps (crops panels): wrap the message
+                      soft_wrap=False)
 
 
 class RichProgress:
@@ -132,6 +132,8 @@ class TrainConsole:
             self.console.print(f"[bold]run[/] {event.run_dir}  family {event.family}  {event.world_size} process(es), "
                                f"{event.distributed}, {event.device}  global batch {event.global_batch}  "
                                f"steps {event.start_step}->{event.total_steps}")
+            if event.packing:
+                self.console.print(f"[dim]{event.packing}[/]")
             if self.console.is_terminal and self.live is None:
                 from rich.live import Live
 

@@ -121,8 +121,10 @@ class DataSection(_Section):
     loss_mask: Literal["all", "last"] = "all"
     """Which assistant turns carry loss: all (every assistant turn, as DISC-MedLLM and qwen-vl-finetune do) or
     last (only the final one, as HuatuoGPT-Vision train_vl.py does; earlier turns are context)."""
-    packing: bool = False
-    """Concatenate samples into rows of max_seq_len without padding (attention stays within each sample)."""
+    packing: bool | Literal["auto"] = False
+    """Concatenate samples into rows of micro_batch_size x max_seq_len tokens without padding (attention stays
+    within each sample). auto: pack where attention runs per sample (sdpa, flash_attention_2), pad with eager;
+    the run header says which."""
     num_workers: int = Field(4, ge=0)
     """DataLoader worker processes per rank; 0 = load in the training process."""
 

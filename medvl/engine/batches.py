@@ -7,10 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from medvl.data.collate import IGNORE, collate
+from medvl.engine.packing import resolve_packing
 from medvl.errors import MedvlError
 
 
 def build_data(recipe, family, processor, accelerator):
+    """(dataset, training ids, batch plan, validation set or None, how data.packing was resolved)."""
     from medvl.data.dataset import BatchPlan, EncodedDataset, index_prepared
     from medvl.data.turns import check_template
 
@@ -19,11 +21,14 @@ def build_data(recipe, family, processor, accelerator):
     dataset = EncodedDataset(index, processor, family, loss_mask=recipe.data.loss_mask,
                              max_seq_len=recipe.data.max_seq_len, load_image=load_image)
     lengths = [n if n > 0 else recipe.data.max_seq_len // 2 for n in index.n_tokens]
-    if recipe.data.packing and any(n <= 0 for n in index.n_tokens):
+    if recipe.data.packing is not False and any(n <= 0 for n in index.n_tokens):
         lengths = _measure_lengths(dataset)
     train_ids, val_ids = _split(len(index), recipe)
     train_ids = _apply_weights(train_ids, index, recipe)
-    pack = recipe.data.max_seq_len * recipe.train.micro_batch_size if recipe.data.packing else None
+    packed, packing_note = resolve_packing(recipe.data.packing, recipe.model.attn_implementation,
+                                           [lengths[i] for i in train_ids], recipe.train.micro_batch_size,
+                                           recipe.train.seed)
+    pack = recipe.data.max_seq_len * recipe.train.micro_batch_size if packed else None
     plan = BatchPlan([lengths[i] for i in train_ids], recipe.train.seed, recipe.train.micro_batch_size, pack,
                      accelerator.num_processes, recipe.train.grad_accum)
     if plan.steps_per_epoch == 0:
@@ -37,7 +42,7 @@ def build_data(recipe, family, processor, accelerator):
                               max_seq_len=recipe.data.max_seq_len, load_image=load_image), list(range(len(vindex))))
     elif val_ids:
         val = (dataset, val_ids)
-    return dataset, train_ids, plan, val
+    return dataset, train_ids, plan, val, packing_note
 
 
 def load_image(path):

@@ -8,7 +8,10 @@ Memory estimate per GPU (bytes per parameter, then divided by the ZeRO sharding)
   plus an fp32 master copy (4) when weights are 16-bit and trained fully through DeepSpeed; ZeRO-2 shards
   gradients and optimizer states across GPUs, ZeRO-3 also the weights. Activations: ~34 x hidden bytes per token
   per layer in 16 bit without checkpointing (the Korthikanti et al. count without the attention-score term,
-  which sdpa/flash attention do not keep), ~2 x hidden with checkpointing. An estimate, labelled as one.
+  which sdpa/flash attention do not keep), ~2 x hidden with checkpointing. Logits: the loss holds ~12 bytes
+  per logit (medvl.engine.loss.BYTES_PER_LOGIT) for one chunk of at most 1,024 supervised tokens x vocabulary
+  (the chunked loss; the plain one held the whole micro-batch: 4096 x 151,936 x 12 B = 7.5 GB). An estimate,
+  labelled as one.
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ def plan_run(recipe, *, worker: str) -> DryRun:
 
 
 def estimate_memory(recipe, table: list[dict], config) -> dict:
+    from medvl.engine.loss import logits_bytes
+
     width = 4 if recipe.model.dtype == "fp32" else 2
     total = sum(r["params"] for r in table)
     trainable = sum(r["trainable"] for r in table)
@@ -131,8 +136,9 @@ def estimate_memory(recipe, table: list[dict], config) -> dict:
     tokens = recipe.train.micro_batch_size * recipe.data.max_seq_len
     per_token_layer = (2 if recipe.train.gradient_checkpointing else 34) * hidden
     activations = tokens * layers * per_token_layer * (2 if width == 2 else 4) / 2
+    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", 0)
     gib = 2**30
     parts = {"weights": weights / gib, "gradients": grads / gib, "optimizer": optim / gib,
-             "activations (est.)": activations / gib}
+             "activations (est.)": activations / gib, "logits (loss, est.)": logits_bytes(tokens, vocab) / gib}
     parts["total per GPU (est.)"] = sum(parts.values())
     return {k: round(v, 2) for k, v in parts.items()}

@@ -73,6 +73,8 @@ class StartEvent(Event):
     distributed: str | None = None
     device: str | None = None
     keep_last: int | None = None
+    packing: str | None = None
+    """How data.packing resolved on this machine ("packed rows, attention per sample (sdpa)" / "padded ...")."""
     pid: int | None = None
     host: str | None = None
 
@@ -98,6 +100,8 @@ class TrainEvent(Event):
     memory_gb_per_device: list | None = None
     gpu_util: list | None = None
     """Per device, percent, where the machine can tell (NVML); else absent."""
+    mfu: float | None = None
+    """Model FLOPs utilisation, 0-1: 16-bit runs on a GPU whose peak is known (medvl/engine/throughput.py)."""
     eta_s: float | None = None
     rejected: int | None = None
 

@@ -32,6 +32,8 @@ from medvl.engine.trackers import reporting_sinks
 from medvl.engine.optim import build_optimizer, build_scheduler
 from medvl.engine.params import param_groups, rows_as_dicts, trainability
 from medvl.engine.setup import build_accelerator, load_for_training, prepare_run_dir
+from medvl.engine.packing import use_segment_attention
+from medvl.engine.throughput import flops_per_token, mfu, peak_flops
 from medvl.engine.validate import benchmark_eval, eval_loss, load_benchmark
 from medvl.errors import MedvlError
 from medvl.models import tokenizer_of
@@ -99,7 +101,12 @@ def _train(recipe, *, resume, sinks, stop_after_step) -> RunResult:
     if not any(r["trainable"] for r in table):
         raise MedvlError("nothing is trainable with this recipe", fix="unfreeze a group or use method: lora")
 
-    dataset, train_ids, batch_plan, val = build_data(recipe, family, processor, accelerator)
+    dataset, train_ids, batch_plan, val, packing_note = build_data(recipe, family, processor, accelerator)
+    packed = batch_plan.pack_budget is not None
+    if packed:
+        use_segment_attention(model)  # sdpa: attention per packed sample (medvl/engine/packing.py)
+    flops_token, peak = flops_per_token(model, family), peak_flops(accelerator.device, recipe.train.precision,
+                                                                   recipe.model.dtype)
     total_steps = recipe.train.max_steps or max(1, int(batch_plan.steps_per_epoch * recipe.train.epochs))
     optimizer = build_optimizer(param_groups(model, family, plan, recipe.optim.weight_decay),
                                 betas=recipe.optim.betas, eps=recipe.optim.eps)
@@ -134,14 +141,14 @@ def _train(recipe, *, resume, sinks, stop_after_step) -> RunResult:
             steps_per_epoch=batch_plan.steps_per_epoch, samples=len(train_ids),
             dropped_per_epoch=batch_plan.dropped_per_epoch(), trainable_params=trainable_params(table), table=table,
             distributed=accelerator.distributed_type.name, device=str(accelerator.device),
-            keep_last=recipe.train.keep_last, **process_facts()))
+            keep_last=recipe.train.keep_last, packing=packing_note, **process_facts()))
         if changes:
             sink.log(ckpt.recipe_change_event(start, changes))
 
     tok = tokenizer_of(processor)
     keepalive = keepalive_sample(processor, family) if family.is_vision and _needs_keepalive(recipe, table) else None
     loader = make_loader(dataset, train_ids, batch_plan, accelerator.process_index, start, total_steps,
-                         recipe.data.num_workers, tok.pad_token_id, recipe.data.packing, keepalive)
+                         recipe.data.num_workers, tok.pad_token_id, packed, keepalive)
     dtype = next(p for p in model.parameters()).dtype
 
     result = RunResult(run_dir, run_dir / "final", start, table=table)
@@ -199,6 +206,7 @@ def _train(recipe, *, resume, sinks, stop_after_step) -> RunResult:
                 tokens_per_s=round(tokens_seen / elapsed, 1), samples_per_s=round(samples_seen / elapsed, 3),
                 input_tokens_per_s=round(inputs_seen / elapsed, 1), memory_gb=max(memory),
                 memory_gb_per_device=memory, gpu_util=util,
+                mfu=mfu(flops_token, inputs_seen / elapsed, peak, accelerator.num_processes) if peak else None,
                 eta_s=round(elapsed / done * (total_steps - step - 1), 1), rejected=n_rejected))
         if val is not None and recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
             v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive)
