@@ -36,7 +36,10 @@ def test_huge_lr_overflow_inside_adam_is_diagnosed(tiny_dir, prepared_text, tmp_
     with pytest.raises(MedvlError) as err:
         train(run(tiny_dir, prepared_text, out, "optim.lr=1e38", "train.save_every=1"))
     text = str(err.value)
-    assert "training diverged" in text and "overflow" in text and "at step 1" in text
+    # torch's fused AdamW (medvl's optimizer on CPU and GPU) writes inf/NaN instead of raising an overflow: the
+    # finite check before the first save catches it; the unfused one raised inside Adam (diagnosed as overflow)
+    assert "training diverged" in text and ("overflow" in text and "at step 1" in text
+                                            or "non-finite values" in text and "step-000001 (not written)" in text)
     assert "no good checkpoint" in text and "lower optim.lr" in text
     assert not (out / "checkpoints").exists()
 
