@@ -39,14 +39,21 @@ def list_recipes() -> None:
 
 @app.command("show", epilog=EXAMPLES)
 def show(recipe: RecipeArg) -> None:
-    """Print a recipe's YAML (a shipped name or a file), with line numbers for the error messages."""
+    """Print a recipe's YAML (a shipped name or a file): with line numbers (as error messages cite them) on a
+    terminal, as plain YAML otherwise, so `medvl recipes show NAME > my.yaml` starts a recipe of your own."""
+    import sys
+
     from rich.syntax import Syntax
 
     from medvl.config import resolve_recipe_path
 
     path = resolve_recipe_path(recipe)
+    text = path.read_text(encoding="utf-8")
+    if not console.is_terminal:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
     console.print(f"[dim]# {path}[/]")
-    console.print(Syntax(path.read_text(encoding="utf-8"), "yaml", line_numbers=True, word_wrap=True))
+    console.print(Syntax(text, "yaml", line_numbers=True, word_wrap=True))
 
 
 @app.command("validate", epilog=EXAMPLES)

@@ -123,9 +123,15 @@ def test_cli_list_names_every_recipe(run):
         assert name[: -len(".yaml")] in result.output
 
 
-def test_cli_show_prints_the_yaml(run):
+def test_cli_show_prints_the_yaml(run, tmp_path):
     result = run("show", "tiny_cpu")
     assert result.exit_code == 0 and "demo-out/tiny-qwen2.5-vl" in result.output
+    # off a terminal: the file itself, so `medvl recipes show NAME > my.yaml` is a recipe of one's own
+    from medvl.config import load_recipe, resolve_recipe_path
+
+    assert result.output == resolve_recipe_path("tiny_cpu").read_text(encoding="utf-8")
+    (tmp_path / "my.yaml").write_text(result.output)
+    assert load_recipe(tmp_path / "my.yaml", []).model.base == "demo-out/tiny-qwen2.5-vl"
 
 
 def test_cli_validate_prints_ok_and_the_batch(run):
