@@ -257,8 +257,11 @@ class Chatbot:
                 break
             same += 1
         same = min(same, len(ids) - 1)  # generate needs at least one new token to feed
-        if self.image_token_id is not None and self.image_token_id in ids[same:]:
-            return 0  # a new image: see the module docstring
+        if self.image_token_id is not None and (self.image_token_id in ids[same:]
+                                                or self.image_token_id in self._cache_ids[same:]):
+            # A new image (see the module docstring), or an image the cropped part held (/undo of an image turn):
+            # Qwen-VL's stored rope offsets still count that image, so the new tokens would sit at wrong positions.
+            return 0
         return same
 
     def _generate(self, inputs, n: int) -> Iterator[str]:

@@ -88,6 +88,25 @@ def test_inference_is_single_turn_and_leaves_the_conversation(tiny_dir, png):
     assert fresh.chat("What modality is this?", images=[png]) == one
 
 
+def test_undo_of_an_image_turn_never_reuses_stale_rope_offsets(tiny_dir, png):
+    """Qwen-VL keeps the rope offsets of its last full prefill; after /undo of a turn with a second image, the
+    cache's kept part no longer holds that image, so reusing it would place the next tokens at wrong positions."""
+    import easy_vqa
+
+    other = list(easy_vqa.get_train_image_paths().values())[1]
+    bot = bot_for(tiny_dir, "qwen2-vl")
+    bot.chat("What is the shape?", images=[png])
+    bot.chat("And this one?", images=[other])
+    assert bot.undo()
+    answer = bot.chat("And the colour?")
+    fresh = bot_for(tiny_dir, "qwen2-vl")
+    fresh.chat("What is the shape?", images=[png])
+    assert "".join(fresh.stream("And the colour?")).strip() == answer
+    kb, kf = bot._cache.layers[-1].keys[0], fresh._cache.layers[-1].keys[0]
+    n = min(kb.shape[-2], kf.shape[-2])
+    assert float((kb[:, :n] - kf[:, :n]).abs().max()) < 1e-4  # the same keys, position by position
+
+
 def test_undo_and_retry(tiny_dir):
     bot = bot_for(tiny_dir, "causal-lm")
     a1 = bot.chat("What is a pleural effusion?")

@@ -111,6 +111,60 @@ def test_rows_end_on_their_own_limit_inside_one_batch(tiny_dir):
             assert final.completion_tokens == n
 
 
+def _collect(batcher, requests, timeout=60):
+    """Submit every request before the worker starts; {index: final Event}."""
+    from medvl.server.batching import Job
+
+    got, done = {}, threading.Event()
+    for i, req in enumerate(requests):
+        def emit(ev, i=i):
+            if ev.done:
+                got[i] = ev
+                if len(got) == len(requests):
+                    done.set()
+        batcher.submit(Job(req, emit))
+    batcher.start()
+    try:
+        assert done.wait(timeout)
+    finally:
+        batcher.close()
+    return got
+
+
+def test_a_conversation_the_template_refuses_costs_no_one_else_their_answer(tiny_dir):
+    """Mistral / Llama-2 / Gemma templates raise on roles that do not alternate: that request gets a 400, the
+    worker lives on and answers the rest (it used to die, leaving every later request to time out)."""
+    from medvl import Chatbot
+    from medvl.server.batching import Batcher
+    from medvl.server.protocol import ChatRequest, Limits, Message
+
+    bot = Chatbot(tiny_dir("causal-lm"), device="cpu")
+    tok = bot.tokenizer
+    tok.chat_template = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('Conversation roles must "
+                         "alternate user/assistant') }}{% endif %}" + tok.chat_template)
+    bad = ChatRequest([Message("assistant", "Hello."), Message("user", "Hi?")], None, "m", 4, None, None, None, False)
+    good = ChatRequest([Message("user", "What is a pneumothorax?")], None, "m", 4, None, None, None, False)
+    batcher = Batcher(bot, limits=Limits(), window_s=0.2)
+    got = _collect(batcher, [bad, good])
+    assert got[0].error is not None and got[0].error.status == 400 and "alternate" in got[0].error.message
+    assert got[1].error is None and got[1].text
+    assert not batcher.alive  # closed by _collect, not killed: the good request was answered after the bad one
+
+
+def test_waiting_requests_with_one_decoding_go_out_together(tiny_dir):
+    from medvl import Chatbot
+    from medvl.server.batching import Batcher
+    from medvl.server.protocol import ChatRequest, Limits, Message
+
+    bot = Chatbot(tiny_dir("causal-lm"), device="cpu")
+    reqs = [ChatRequest([Message("user", f"Question {i}?")], None, "m", 3, None if i == 0 else 0.7, None, 1, False)
+            for i in range(7)]
+    batcher = Batcher(bot, limits=Limits(), window_s=0.2)
+    got = _collect(batcher, reqs)
+    assert all(ev.error is None for ev in got.values())
+    assert batcher.batches == 2  # one greedy call, one call for the six sampled ones (was one call each)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # a live server
 

@@ -65,9 +65,10 @@ def create_app(batcher: Batcher, *, model_name: str, api_key: str | None = None,
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "model": model_name, "family": batcher.bot.family.name,
-                             "device": str(batcher.bot.device), "batches": batcher.batches,
-                             "answered": batcher.rows})
+        ok = batcher.alive
+        return JSONResponse({"status": "ok" if ok else "generation worker stopped", "model": model_name,
+                             "family": batcher.bot.family.name, "device": str(batcher.bot.device),
+                             "batches": batcher.batches, "answered": batcher.rows}, status_code=200 if ok else 503)
 
     async def models(request: Request):
         try:

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from medvl.errors import MedvlError
 from medvl.server.protocol import ApiError, ChatRequest, ImageRef, Limits
 
+# pydicom decodes all frames to take the middle one: 64M pixels is a 256-slice 512x512 series, ~128 MB as int16
+DICOM_MAX_DECODED_PIXELS = 64 * 1024 * 1024
+
 
 @dataclass
 class Event:
@@ -84,27 +87,51 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            job = self._pending.pop(0) if self._pending else self._queue.get()
-            if job is None:
+            batch = self._next_batch()
+            if batch is None:
                 return
-            batch = [job]
-            deadline = time.perf_counter() + self.window_s
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                batch.append(nxt)
-            # One decoding per generate call; the others wait for the next round, first in first out.
-            key = self._decoding_key(batch[0])
-            group = [j for j in batch if self._decoding_key(j) == key]
-            self._pending = [j for j in batch if self._decoding_key(j) != key] + self._pending
-            group = [j for j in group if not j.cancelled.is_set()]
-            if group:
-                self._answer(group)
+            try:
+                # One decoding per generate call; the others wait for the next round, first in first out.
+                key = self._decoding_key(batch[0])
+                group = [j for j in batch if self._decoding_key(j) == key]
+                self._pending = [j for j in batch if self._decoding_key(j) != key] + self._pending
+                group = [j for j in group if not j.cancelled.is_set()]
+                if group:
+                    self._answer(group)
+            except Exception as exc:  # never let one request end the worker: every later one would time out
+                err = ApiError(500, f"the server failed on this request: {type(exc).__name__}: {exc}",
+                               type="server_error")
+                for job in batch:
+                    job.emit(Event(done=True, error=err))
+
+    def _next_batch(self) -> list[Job] | None:
+        """Waiting jobs first (all of them that share the first one's decoding), then what arrives within
+        `window_s`, up to `max_batch`. None: the server is closing."""
+        if self._pending:
+            first = self._pending[0]
+            key = self._decoding_key(first)
+            batch = [j for j in self._pending if self._decoding_key(j) == key][: self.max_batch]
+            self._pending = [j for j in self._pending if j not in batch]
+        else:
+            first = self._queue.get()
+            if first is None:
+                return None
+            batch = [first]
+        deadline = time.perf_counter() + self.window_s
+        while len(batch) < self.max_batch:
+            try:
+                nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            batch.append(nxt)
+        return batch
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _options(self, request: ChatRequest):
         from medvl.inference import GenerationOptions
@@ -125,8 +152,10 @@ class Batcher:
                 ready.append(job)
             except ApiError as exc:
                 job.emit(Event(done=True, error=exc))
-            except MedvlError as exc:
+            except (MedvlError, ValueError) as exc:  # ValueError: the chat template refused the conversation
                 job.emit(Event(done=True, error=ApiError(400, str(exc).replace("\n", "; "))))
+            except Exception as exc:  # one bad request never costs the others their answers
+                job.emit(Event(done=True, error=ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error")))
         if not ready:
             return
         try:
@@ -159,7 +188,9 @@ class Batcher:
                 f.write(ref.data)
             path = tmp
         try:
-            if not is_dicom(path):
+            if is_dicom(path):  # header only: pydicom decodes every frame of the pixel data to pick the middle one
+                self._check_dicom_size(path, ref)
+            else:
                 try:
                     with Image.open(path) as im:
                         w, h = im.size
@@ -180,6 +211,20 @@ class Batcher:
         finally:
             if tmp:
                 os.unlink(tmp)
+
+    def _check_dicom_size(self, path: str, ref: ImageRef) -> None:
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            w, h = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+        except Exception:
+            raise ApiError(400, "the DICOM header does not read", param=ref.param, code="image_undecodable") from None
+        if w * h > self.limits.max_image_pixels or w * h * frames > DICOM_MAX_DECODED_PIXELS:
+            raise ApiError(400, f"DICOM of {frames} frame(s) of {w}x{h} pixels is above this server's limit of "
+                           f"{self.limits.max_image_pixels:,} pixels per frame and {DICOM_MAX_DECODED_PIXELS:,} in "
+                           "all", param=ref.param, code="image_too_large")
 
     def _generate(self, jobs: list[Job], prompts: list[tuple[str, list]]) -> None:
         import torch
