@@ -46,7 +46,8 @@ def test_cached_hub_id_resolves_offline(tiny_dir, tmp_path, monkeypatch):
     src = resolve_model("medvl-test/tiny-vl")
     assert (src.kind, src.family.name, src.path) == ("full", "qwen2.5-vl", repo / "snapshots" / "0123abcd")
     assert Chatbot("medvl-test/tiny-vl", options=GenerationOptions(max_new_tokens=3)).chat("hi")
-    with pytest.raises(MedvlError, match="neither a local directory nor a model in the Hugging Face cache"):
+    with pytest.raises(MedvlError, match=r"neither a local directory \(looked for .*\) nor a model in the Hugging "
+                                         "Face cache"):
         resolve_model("medvl-test/not-downloaded")
 
 
