@@ -59,7 +59,8 @@ def chat(
         err.print(f"model: {model} [dim]({why}; pass MODEL to choose another)[/]")
     options = GenerationOptions(decoding, max_new_tokens, temperature, top_p, repetition_penalty, seed)
     options.kwargs()  # bad values fail now, not after loading
-    resolve_dtype(dtype), resolve_device(device)
+    resolve_dtype(dtype)  # a misspelt --dtype or --device (or a GPU this machine lacks): now, not after loading
+    resolve_device(device)
     sources = [resolve_model(model, adapter=adapter)] + ([resolve_model(compare)] if compare else [])
     images = _check_images(sources, list(image or []))
     quiet_loading()

@@ -71,7 +71,8 @@ def check_settings(s: ServeSettings) -> None:
                              fix="give an existing folder (--image-root) whose images clients may name by path")
     from medvl.resolve import resolve_device, resolve_dtype
 
-    resolve_dtype(s.dtype), resolve_device(s.device)  # a misspelt --dtype / --device: now, not after loading
+    resolve_dtype(s.dtype)  # a misspelt --dtype or --device (or a GPU this machine lacks): now, not after loading
+    resolve_device(s.device)
 
 
 def served_name(s: ServeSettings, source) -> str:
