@@ -66,3 +66,26 @@ def test_several_images_in_one_turn(family, tiny_dir):
     one.turns = []
     one.stream("x", images=paths[:1])  # the turn is queued; we only count its tokens
     assert n_image_tokens == 3 * int((one._inputs()["input_ids"] == one.image_token_id).sum())
+
+
+def test_device_and_dtype_are_checked_before_loading(monkeypatch):
+    import torch
+
+    from medvl.resolve import resolve_device, resolve_dtype
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_dtype("bf16") == "bf16"
+    for bad in ("gpu0", "cuda:x"):
+        with pytest.raises(MedvlError, match="unknown device") as err:
+            resolve_device(bad)
+        assert err.value.where == "--device"
+    with pytest.raises(MedvlError, match="unknown dtype 'float16'"):
+        resolve_dtype("float16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MedvlError, match="no usable CUDA GPU"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(MedvlError, match=r"there is no GPU 2 \(this machine has 2\)") as err:
+        resolve_device("cuda:2")
+    assert err.value.fix == "use cuda:0 to cuda:1"
