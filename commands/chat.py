@@ -51,7 +51,7 @@ def chat(
     from rich.console import Console
 
     from medvl.inference import GenerationOptions
-    from medvl.resolve import default_model, resolve_model
+    from medvl.resolve import default_model, resolve_device, resolve_dtype, resolve_model
 
     err = Console(stderr=True, highlight=False)
     if model is None:
@@ -59,11 +59,15 @@ def chat(
         err.print(f"model: {model} [dim]({why}; pass MODEL to choose another)[/]")
     options = GenerationOptions(decoding, max_new_tokens, temperature, top_p, repetition_penalty, seed)
     options.kwargs()  # bad values fail now, not after loading
+    resolve_dtype(dtype)  # a misspelt --dtype or --device (or a GPU this machine lacks): now, not after loading
+    resolve_device(device)
     sources = [resolve_model(model, adapter=adapter)] + ([resolve_model(compare)] if compare else [])
     images = _check_images(sources, list(image or []))
     quiet_loading()
     if plain or as_json or not (sys.stdin.isatty() and sys.stdout.isatty()):
-        from medvl.commands.chat_plain import run_plain
+        from medvl.commands.chat_plain import check_stdin, run_plain
+
+        check_stdin(sources[0].path)
         from medvl.inference import Chatbot
         from medvl.session import ChatSession
 

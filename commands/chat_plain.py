@@ -18,10 +18,34 @@ from medvl.errors import MedvlError
 ALIASES = {"clear": "/clear", "quit": "/quit", "exit": "/quit", "q": "/quit"}
 
 
+NO_QUESTION = "stdin holds no question: it ended before any line was read, so nothing was asked of {model}"
+NO_QUESTION_FIX = ("pipe the questions in, one per line: echo 'What modality is this?' | medvl chat MODEL "
+                   "--image x.png (or run it in a terminal for the app)")
+
+
+def check_stdin(model) -> None:
+    """A piped stdin that is already at its end (< /dev/null, an empty questions file) would load the model for
+    nothing: refuse before loading. Only a stdin that is readable now is peeked at; a writer that has not written
+    yet is waited for as usual (run_plain reports it if it never asks)."""
+    import select
+
+    stream = sys.stdin
+    if stream is None or stream.isatty() or not hasattr(stream, "buffer") or not hasattr(stream.buffer, "peek"):
+        return
+    try:
+        ready, _, _ = select.select([stream], [], [], 0)
+        empty = bool(ready) and not stream.buffer.peek(1)
+    except (OSError, ValueError):  # not a selectable file (Windows pipes, a closed stdin)
+        return
+    if empty:
+        raise MedvlError(NO_QUESTION.format(model=model), where="stdin", fix=NO_QUESTION_FIX)
+
+
 def run_plain(session, *, as_json: bool = False, stdin=None, stdout=None, stderr=None) -> int:
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     interactive = stdin.isatty()
     failed = False
+    read_any = False  # a piped stdin without a single line asked nothing: exit 2, not a silent 0
     names = [bot.source.path.name for bot in session.bots]
     while True:
         if interactive:
@@ -33,6 +57,7 @@ def run_plain(session, *, as_json: bool = False, stdin=None, stdout=None, stderr
         line = line.strip()
         if not line and not interactive:
             continue  # blank lines in a piped script are spacing, not questions
+        read_any = True
         line = ALIASES.get(line.lower(), line)
         try:
             step = session.handle(line)
@@ -54,6 +79,10 @@ def run_plain(session, *, as_json: bool = False, stdin=None, stdout=None, stderr
                 stream.close()
                 stdout.write("\n")
                 stderr.write("(stopped)\n")
+    if not read_any and not interactive:
+        exc = MedvlError(NO_QUESTION.format(model=session.bot.source.path), where="stdin", fix=NO_QUESTION_FIX)
+        stderr.write(f"error: {exc.render()}\n")
+        return 2
     return 2 if failed else 0
 
 

@@ -30,14 +30,39 @@ SmoothingOpt = Annotated[float, typer.Option("--smoothing", min=0.0, max=0.999,
                                              help="Exponential smoothing of loss and grad norm, 0 (raw) to 0.999.")]
 
 
+MODEL_FILES = ("config.json", "adapter_config.json", "trainer_state.json")  # a model or checkpoint, not a run
+
+
 def check_runs(runs: list[Path]) -> None:
-    """A run directory may not exist yet (the dashboard waits for it); a file where a run should be is a mistake."""
+    """A run directory may not exist yet (the dashboard waits for it). A path that can never become one is a
+    mistake: a file, a path under a file, or a model / checkpoint folder (RUN/final, RUN/checkpoints/step-N)."""
     from medvl.errors import MedvlError
 
     for run in runs:
         if run.exists() and not run.is_dir():
             raise MedvlError(f"{run} is a file, not a run directory", where=str(run),
                              fix="pass the run directory (output.dir, the folder holding metrics.jsonl)")
+        blocker = next((p for p in run.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise MedvlError(f"{run} can never be a run directory: {blocker} is a file", where=str(run),
+                             fix="pass the run directory (output.dir, the folder holding metrics.jsonl)")
+        model = next((m for m in MODEL_FILES if (run / m).is_file()), None)
+        if model is not None and not (run / "metrics.jsonl").exists():
+            raise MedvlError(f"{run} is a model or checkpoint folder ({model}), not a run directory",
+                             where=str(run), fix="pass the run directory that holds metrics.jsonl (output.dir: the "
+                             "folder above final/ and checkpoints/)")
+
+
+def check_terminal(runs: list[Path]) -> None:
+    """The dashboard draws a full screen: into a pipe or a log file it would write escape codes forever."""
+    from medvl.commands.ui import console
+    from medvl.errors import MedvlError
+
+    if not console.is_terminal:
+        raise MedvlError("medvl watch draws a live dashboard and needs a terminal; its output here is not one",
+                         where=", ".join(map(str, runs)),
+                         fix=f"run it in a terminal (tmux, SSH), or write a figure: medvl plot {runs[0]} --out "
+                             "curves.png")
 
 
 def watch(runs: RunsArg, metric: MetricOpt = "loss", smoothing: SmoothingOpt = 0.6) -> None:
@@ -47,6 +72,7 @@ def watch(runs: RunsArg, metric: MetricOpt = "loss", smoothing: SmoothingOpt = 0
     if metric not in METRIC_KEYS:
         raise MedvlError(f"--metric {metric} is not a dashboard metric", fix=f"one of: {', '.join(METRIC_KEYS)}")
     check_runs(runs)
+    check_terminal(runs)
     from medvl.tui.dashboard import Dashboard
 
     Dashboard(runs, metric=metric, smoothing=smoothing).run()

@@ -114,16 +114,32 @@ def _portable(path: Path, folder: Path) -> str:
         return str(full)
 
 
+def _check_out_file(out: Path, usage: str) -> None:
+    """/save and /export targets: a folder, or a path under a file, is the user's slip, not a crash."""
+    if out.is_dir():
+        raise MedvlError(f"{out} is a directory", where=str(out), fix=usage)
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise MedvlError(f"cannot write {out}: {blocker} is a file, not a folder", where=str(out), fix=usage)
+
+
+def _write_error(out: Path, exc: OSError, usage: str) -> MedvlError:
+    return MedvlError(f"cannot write {out}: {exc.strerror or exc}", where=str(out),
+                      fix=f"{usage} in a folder you can write to")
+
+
 def save_record(turns, out_file: str | Path, *, system: str | None, model: str) -> Path:
     """Append the conversation to `out_file` (JSONL) as one record; returns the file."""
     out = Path(out_file)
     record = to_record(turns, system=system, model=model, out_file=out)
-    if out.is_dir():
-        raise MedvlError(f"{out} is a directory", fix="/save FILE.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_out_file(out, "/save FILE.jsonl")
     line = json.dumps(record, ensure_ascii=False) + "\n"
-    with open(out, "a", encoding="utf-8") as f:  # one write of one line: a crash never leaves half a record
-        f.write(line)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8") as f:  # one write of one line: a crash never leaves half a record
+            f.write(line)
+    except OSError as exc:  # permission denied, a full disk: the session goes on
+        raise _write_error(out, exc, "/save FILE.jsonl") from None
     return out
 
 
@@ -144,10 +160,14 @@ def to_markdown(turns, *, system: str | None, model: str) -> str:
 
 def export_markdown(turns, out_file: str | Path, *, system: str | None, model: str) -> Path:
     out = Path(out_file)
-    if out.is_dir():
-        raise MedvlError(f"{out} is a directory", fix="/export FILE.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_out_file(out, "/export FILE.md")
     tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(to_markdown(turns, system=system, model=model), encoding="utf-8")
-    os.replace(tmp, out)  # all or nothing
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(to_markdown(turns, system=system, model=model), encoding="utf-8")
+        os.replace(tmp, out)  # all or nothing
+    except OSError as exc:
+        raise _write_error(out, exc, "/export FILE.md") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

@@ -32,7 +32,7 @@ from medvl.errors import MedvlError
 from medvl.conversation import ChatImage, check_image
 from medvl.data.turns import stop_token_ids
 from medvl.models import tokenizer_of
-from medvl.resolve import ModelSource, load_source, resolve_dtype, resolve_model
+from medvl.resolve import ModelSource, load_source, resolve_device, resolve_dtype, resolve_model
 
 # The published chatbot's budget (HuatuoGPT-Vision cli.py: max_new_tokens 512); eval uses 256 for one letter.
 CHAT_MAX_NEW_TOKENS = 512
@@ -129,8 +129,8 @@ class Chatbot:
         self.source = source or resolve_model(model, adapter=adapter)
         self.family = self.source.family
         self.dtype = resolve_dtype(dtype or "auto")
+        self.device = resolve_device(device)
         self.model, self.processor = load_source(self.source, dtype=self.dtype)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         self.tokenizer = tokenizer_of(self.processor)
         self.options = options or GenerationOptions()

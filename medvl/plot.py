@@ -30,6 +30,11 @@ def load_runs(run_dirs: list[str | Path], *, exact: bool = True) -> list[RunHist
                              where=str(d), fix="pass the output.dir of a run; `medvl watch` waits for one to start")
         h = RunHistory(d, exact=exact)
         h.poll()
+        if h.bad_lines and h.current is None and not h.series:
+            raise MedvlError(f"{h.path} is corrupt: none of its lines is a metric event ({h.bad_lines} lines that "
+                             "are not medvl's JSON events)", where=str(h.path),
+                             fix="pass the output.dir of a medvl run; a metrics.jsonl cut or overwritten by "
+                                 "something else cannot be plotted")
         runs.append(h)
     return runs
 
@@ -56,7 +61,8 @@ def figure(runs: list[RunHistory], *, metrics: list[str] | None = None, smoothin
                                                                  log=m.key in log))]
     if not panels:
         raise MedvlError("nothing to plot: the runs have no logged " + (", ".join(metrics) if metrics else "metrics")
-                         + " yet", fix="wait for the first log step (train.log_every), or choose other --metric")
+                         + " yet", where=", ".join(str(h.path) for h in runs),
+                         fix="wait for the first log step (train.log_every), or choose other --metric")
     cols = 1 if len(panels) == 1 else 2
     rows = (len(panels) + cols - 1) // cols
     fig = Figure(figsize=(6.4 * cols, 3.4 * rows), layout="constrained")

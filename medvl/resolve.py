@@ -107,7 +107,7 @@ def resolve_model(model: str | Path | None, *, adapter: str | Path | None = None
 
 def _resolve_path(path: Path, base) -> ModelSource:
     if not path.is_dir():
-        raise MedvlError(f"{path} is not a directory", where=str(path),
+        raise MedvlError(f"{path} {'is not a directory' if path.exists() else 'does not exist'}", where=str(path),
                          fix="give a run directory, its final/ directory, a LoRA adapter or a model directory")
     if (path / "final").is_dir() and any((path / "final" / m).is_file()
                                          for m in ("config.json", "adapter_config.json")):
@@ -207,12 +207,41 @@ def default_model(cwd: str | Path = ".") -> tuple[str, str]:
 
 
 def resolve_dtype(dtype: str) -> str:
-    """'auto' -> bf16 on a CUDA GPU that supports it, else fp32 (CPU bf16 matmuls are slow and noisier)."""
+    """'auto' -> bf16 on a CUDA GPU that supports it, else fp32 (CPU bf16 matmuls are slow and noisier). An
+    unknown name fails here, before minutes of loading."""
+    from medvl.models import DTYPES
+
     if dtype != "auto":
+        if dtype not in DTYPES:
+            raise MedvlError(f"unknown dtype '{dtype}'", where="--dtype", fix=f"use auto, {', '.join(DTYPES)}")
         return dtype
     import torch
 
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_device(device: str | None):
+    """A torch.device for `--device` (None: cuda when there is a GPU, else cpu), checked before loading: a
+    misspelt name or a GPU this machine lacks is a clear error, not an exception from torch mid-load."""
+    import torch
+
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MedvlError(f"unknown device '{device}'", where="--device",
+                         fix="use cpu, cuda or cuda:N (N counts the GPUs from 0)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise MedvlError(f"--device {device}: this machine has no usable CUDA GPU", where="--device",
+                             fix="use --device cpu, or run on a machine with a GPU (`medvl doctor` says what torch "
+                                 "sees)")
+        if dev.index is not None and dev.index >= count:
+            raise MedvlError(f"--device {device}: there is no GPU {dev.index} (this machine has {count})",
+                             where="--device", fix=f"use cuda:0 to cuda:{count - 1}")
+    return dev
 
 
 def load_source(src: ModelSource, *, dtype: str = "fp32"):

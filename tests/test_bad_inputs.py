@@ -1,10 +1,13 @@
 """Every command, run as a user runs it (the `medvl` console script in a subprocess), against a catalogue of bad
 inputs: each must exit 2 with a message naming the path, print no traceback, and leave nothing half-written.
 
-The catalogue is one table, CASES: a new command (chat, watch) joins by adding rows. A row builds its argv from
-the `world` (good and broken inputs made once per module) and names the path its message must contain and the
-paths that must not exist afterwards. Rows run in parallel subprocesses (most fail before torch is imported,
-in ~1 s); `test_catalogue_counts` prints tried / clear / traceback and fails on any traceback.
+The catalogue is one table, CASES: a new command joins by adding rows. A row builds its argv from the `world`
+(good and broken inputs made once per module) and names the path its message must contain (for a bad option
+value with no path, the option or value) and the paths that must not exist afterwards; it may pipe text to stdin
+(chat's plain mode) and run in another folder (relative paths). Rows run in parallel subprocesses (most fail
+before a model loads, in ~1-3 s); `test_catalogue_counts` prints tried / clear / traceback and fails on any
+traceback. Commands that would otherwise keep running (watch, serve, chat) must fail fast: a row that does not
+times out after TIMEOUT and counts as a failure.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 import pytest
 
 MEDVL = str(Path(sys.executable).parent / "medvl")
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", COLUMNS="400", TOKENIZERS_PARALLELISM="false")
+ENV = dict({k: v for k, v in os.environ.items() if k not in ("MEDVL_MODEL", "MEDVL_API_KEY")},  # chat, serve
+           HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", COLUMNS="400", TOKENIZERS_PARALLELISM="false")
 TIMEOUT = 240
 
 
@@ -34,6 +38,8 @@ class Case:
     names: object  # world -> the path (str) the message must name
     absent: object = lambda w: []  # world -> paths that must not exist afterwards
     as_user: bool = False  # permission cases: root reads everything, so they are skipped when run as root
+    stdin: object = ""  # piped to the command, or world -> text (chat's plain mode reads its questions here)
+    cwd: object = None  # world -> the folder it runs in (None: the test's own)
 
 
 @dataclass
@@ -154,7 +160,59 @@ def world(tmp_path_factory, tiny_dir, prepared_text):
         item["image"] = ["../outside/secret.png" for _ in item["image"]]
     (escaping / w.p["bundle"].name).write_text(json.dumps(items))
     w.p["escaping"] = escaping / w.p["bundle"].name
-    return w
+    _new_command_inputs(w)
+    yield w
+    w.p["port_holder"].close()
+
+
+def _new_command_inputs(w: World) -> None:
+    """Inputs for watch, plot, score, chat and serve."""
+    import socket
+
+    root = w.root
+    # images: one that decodes, one that does not; an adapter trained on the VL model (it cannot fit the LM)
+    w.p["png"] = root / "outside" / "secret.png"
+    (root / "garbage.png").write_bytes(os.urandom(2048))
+    w.p["garbage_png"] = root / "garbage.png"
+    from peft import LoraConfig, get_peft_model
+
+    from medvl.families import get_family
+    from medvl.models import load_model
+
+    family = get_family("qwen2.5-vl")
+    lora = get_peft_model(load_model(w.p["vl"], family), LoraConfig(r=4, target_modules=family.lora_regex(),
+                                                                    task_type="CAUSAL_LM"))
+    lora.save_pretrained(root / "vl-adapter")
+    w.p["vl_adapter"] = root / "vl-adapter"
+    # run directories for watch / plot: a metrics.jsonl of garbage, an empty one
+    for name, text in (("corrupt-run", "not json\n{\"kind\": \"tr\n\x00\x01garbage\n"), ("empty-run", "")):
+        (root / name).mkdir()
+        (root / name / "metrics.jsonl").write_text(text)
+        w.p[name] = root / name
+    (root / "figure.png").mkdir()  # a folder named like a figure
+    w.p["png_dir"] = root / "figure.png"
+    # predictions for score: the published eval.py output, cut in half, and a scored output directory
+    from medvl.evaluate import rescore
+
+    from .test_eval_rescore import published_file
+
+    (root / "published").mkdir()
+    pred = published_file(root / "published")
+    w.p["pred"] = pred
+    (root / "cut.json").write_bytes(pred.read_bytes()[: pred.stat().st_size // 2])
+    w.p["pred_cut"] = root / "cut.json"
+    rescore(pred, root / "scored")
+    w.p["scored"] = root / "scored"
+    (root / "blocked" / "predictions.jsonl").mkdir(parents=True)  # a folder where the file must go
+    w.p["blocked"] = root / "blocked"
+    # serve: a port some other program listens on, and one nobody does (for rows that get as far as binding)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    w.p.update(port_holder=holder, busy_port=str(holder.getsockname()[1]))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        w.p["free_port"] = str(probe.getsockname()[1])
 
 
 def _train(w, case, *extra, resume=None):
@@ -282,13 +340,124 @@ CASES = [
          lambda w: "../outside/secret.png", _out("eval-esc")),
     # ---- tiny
     Case("tiny-out-is-file", lambda w: ["tiny", "--family", "causal-lm", "--out", w["file"]], lambda w: w["file"]),
+    Case("eval-out-under-file", lambda w: ["eval", "--model", w["lm"], "--data", w["empty_json"], "--out",
+                                           w["file"] + "/eval"], lambda w: w["file"]),
+    # ---- watch (every row fails before the dashboard starts; one that did not would hang until TIMEOUT)
+    Case("watch-run-is-file", lambda w: ["watch", w["file"]], lambda w: w["file"]),
+    Case("watch-run-under-file", lambda w: ["watch", w["file"] + "/run"], lambda w: w["file"] + "/run"),
+    Case("watch-model-dir", lambda w: ["watch", w["lm"]], lambda w: w["lm"]),
+    Case("watch-checkpoint-dir", lambda w: ["watch", w["run"] + "/checkpoints/step-000002"],
+         lambda w: w["run"] + "/checkpoints/step-000002"),
+    Case("watch-not-a-terminal", lambda w: ["watch", w["run"]], lambda w: w["run"]),
+    Case("watch-unknown-metric", lambda w: ["watch", w["run"], "--metric", "accuracy"], lambda w: "--metric accuracy"),
+    # ---- plot
+    Case("plot-run-missing", lambda w: ["plot", w["missing"], "--out", w.out("plot-m.png")], lambda w: w["missing"],
+         lambda w: [w.out("plot-m.png")]),
+    Case("plot-run-is-file", lambda w: ["plot", w["file"], "--out", w.out("plot-f.png")], lambda w: w["file"],
+         lambda w: [w.out("plot-f.png")]),
+    Case("plot-not-a-run", lambda w: ["plot", w["empty_dir"], "--out", w.out("plot-e.png")],
+         lambda w: w["empty_dir"], lambda w: [w.out("plot-e.png")]),
+    Case("plot-metrics-corrupt", lambda w: ["plot", w["corrupt-run"], "--out", w.out("plot-c.png")],
+         lambda w: w["corrupt-run"] + "/metrics.jsonl", lambda w: [w.out("plot-c.png")]),
+    Case("plot-metrics-empty", lambda w: ["plot", w["empty-run"], "--out", w.out("plot-0.png")],
+         lambda w: w["empty-run"] + "/metrics.jsonl", lambda w: [w.out("plot-0.png")]),
+    Case("plot-second-run-corrupt", lambda w: ["plot", w["run"], w["corrupt-run"], "--out", w.out("plot-2.png")],
+         lambda w: w["corrupt-run"] + "/metrics.jsonl", lambda w: [w.out("plot-2.png")]),
+    Case("plot-unknown-metric", lambda w: ["plot", w["run"], "--metric", "loss,accuracy", "--out",
+                                           w.out("plot-u.png")], lambda w: "accuracy", lambda w: [w.out("plot-u.png")]),
+    Case("plot-out-is-dir", lambda w: ["plot", w["run"], "--out", w["png_dir"]], lambda w: w["png_dir"]),
+    Case("plot-out-is-dir-no-suffix", lambda w: ["plot", w["run"], "--out", w["dir"]], lambda w: w["dir"]),
+    Case("plot-out-unknown-suffix", lambda w: ["plot", w["run"], "--out", w.out("plot.jpg")],
+         lambda w: w.out("plot.jpg"), lambda w: [w.out("plot.jpg")]),
+    Case("plot-out-folder-missing", lambda w: ["plot", w["run"], "--out", w["missing"] + "/curves.png"],
+         lambda w: w["missing"] + "/curves.png", lambda w: [w["missing"]]),
+    Case("plot-out-under-file", lambda w: ["plot", w["run"], "--out", w["file"] + "/curves.png"],
+         lambda w: w["file"] + "/curves.png"),
+    # ---- score (no model: every row takes ~1 s)
+    Case("score-missing", lambda w: ["score", w["missing"]], lambda w: w["missing"]),
+    Case("score-dir-without-predictions", lambda w: ["score", w["empty_dir"]], lambda w: w["empty_dir"]),
+    Case("score-empty", lambda w: ["score", w["empty_json"]], lambda w: w["empty_json"]),
+    Case("score-not-json", lambda w: ["score", w["file"]], lambda w: w["file"]),
+    Case("score-binary", lambda w: ["score", w["binary_yaml"]], lambda w: w["binary_yaml"]),
+    Case("score-truncated", lambda w: ["score", w["pred_cut"], "--out", w.out("score-cut")], lambda w: w["pred_cut"],
+         _out("score-cut")),
+    Case("score-an-eval-bundle", lambda w: ["score", w["bundle"]], lambda w: w["bundle"]),
+    Case("score-out-is-file", lambda w: ["score", w["pred"], "--out", w["file"]], lambda w: w["file"]),
+    Case("score-out-under-file", lambda w: ["score", w["pred"], "--out", w["file"] + "/scored"],
+         lambda w: w["file"]),
+    Case("score-out-file-is-a-folder", lambda w: ["score", w["pred"], "--out", w["blocked"]],
+         lambda w: w["blocked"] + "/predictions.jsonl",
+         lambda w: [w["blocked"] + "/results.json", w["blocked"] + "/predictions.jsonl.tmp"]),
+    Case("score-out-overwrites-its-input", lambda w: ["score", w["scored"], "--out", w["scored"]],
+         lambda w: w["scored"] + "/predictions.jsonl", lambda w: [w["scored"] + "/predictions.jsonl.tmp"]),
+    # ---- chat, plain mode (stdin piped): image and model checks come before loading, except where noted
+    Case("chat-image-missing", lambda w: ["chat", w["vl"], "--image", w["missing"] + ".png"],
+         lambda w: w["missing"] + ".png", stdin="What is this?\n"),
+    Case("chat-image-undecodable", lambda w: ["chat", w["vl"], "--image", w["garbage_png"]],
+         lambda w: w["garbage_png"], stdin="What is this?\n"),
+    Case("chat-image-is-dir", lambda w: ["chat", w["vl"], "--image", w["dir"]], lambda w: w["dir"],
+         stdin="What is this?\n"),
+    Case("chat-image-escapes", lambda w: ["chat", w["vl"], "--image", "../outside/secret.png"],
+         lambda w: "../outside/secret.png", stdin="What is this?\n", cwd=lambda w: w["dir"]),
+    Case("chat-model-missing", lambda w: ["chat", w["missing"]], lambda w: w["missing"], stdin="hi\n"),
+    Case("chat-model-is-file", lambda w: ["chat", w["file"]], lambda w: w["file"], stdin="hi\n"),
+    Case("chat-model-not-a-model", lambda w: ["chat", w["empty_dir"]], lambda w: w["empty_dir"], stdin="hi\n"),
+    Case("chat-model-no-weights", lambda w: ["chat", w["lm-no-weights"]], lambda w: w["lm-no-weights"],
+         stdin="hi\n"),  # found when loading
+    Case("chat-model-truncated", lambda w: ["chat", w["vl-truncated"]], lambda w: w["vl-truncated"],
+         stdin="hi\n"),  # found when loading
+    Case("chat-text-only-model-given-image", lambda w: ["chat", w["lm"], "--image", w["png"]], lambda w: w["png"],
+         stdin="What is this?\n"),
+    Case("chat-adapter-does-not-fit", lambda w: ["chat", w["lm"], "--adapter", w["vl_adapter"]],
+         lambda w: w["vl_adapter"], stdin="hi\n"),  # found when the adapter is applied
+    Case("chat-adapter-missing", lambda w: ["chat", w["lm"], "--adapter", w["missing"]], lambda w: w["missing"],
+         stdin="hi\n"),
+    Case("chat-adapter-not-an-adapter", lambda w: ["chat", w["vl"], "--adapter", w["lm"]], lambda w: w["lm"],
+         stdin="hi\n"),
+    Case("chat-compare-is-file", lambda w: ["chat", w["lm"], "--compare", w["file"]], lambda w: w["file"],
+         stdin="hi\n"),
+    Case("chat-empty-stdin", lambda w: ["chat", w["lm"]], lambda w: "stdin"),
+    Case("chat-blank-stdin", lambda w: ["chat", w["lm"], "--json"], lambda w: "stdin",
+         stdin="\n  \n"),  # found after loading: only blank lines
+    Case("chat-image-missing-mid-session", lambda w: ["chat", w["vl"], "--max-new-tokens", "2"],
+         lambda w: w["missing"] + ".png", stdin=lambda w: f"/image {w['missing']}.png\nWhat is this?\n"),
+    Case("chat-save-under-file", lambda w: ["chat", w["lm"], "--max-new-tokens", "2"],
+         lambda w: w["file"] + "/chat.jsonl", stdin=lambda w: f"hi\n/save {w['file']}/chat.jsonl\n"),
+    Case("chat-save-to-folder", lambda w: ["chat", w["lm"], "--max-new-tokens", "2"], lambda w: w["dir"],
+         stdin=lambda w: f"hi\n/save {w['dir']}\n"),
+    Case("chat-export-under-file", lambda w: ["chat", w["lm"], "--max-new-tokens", "2"],
+         lambda w: w["file"] + "/chat.md", stdin=lambda w: f"hi\n/export {w['file']}/chat.md\n"),
+    Case("chat-unknown-device", lambda w: ["chat", w["lm"], "--device", "gpu0"], lambda w: "--device",
+         stdin="hi\n"),
+    Case("chat-unknown-dtype", lambda w: ["chat", w["lm"], "--dtype", "float16"], lambda w: "--dtype",
+         stdin="hi\n"),
+    # ---- serve (every row fails before the model loads, except where noted)
+    Case("serve-model-missing", lambda w: ["serve", w["missing"]], lambda w: w["missing"]),
+    Case("serve-model-is-file", lambda w: ["serve", w["file"]], lambda w: w["file"]),
+    Case("serve-model-not-a-model", lambda w: ["serve", w["empty_dir"]], lambda w: w["empty_dir"]),
+    Case("serve-public-without-key", lambda w: ["serve", w["lm"], "--host", "0.0.0.0"], lambda w: "0.0.0.0"),
+    Case("serve-port-in-use", lambda w: ["serve", w["lm"], "--port", w["busy_port"]],
+         lambda w: f"127.0.0.1:{w['busy_port']}"),
+    Case("serve-port-out-of-range", lambda w: ["serve", w["lm"], "--port", "70000"], lambda w: "70000"),
+    Case("serve-image-root-missing", lambda w: ["serve", w["lm"], "--image-root", w["missing"]],
+         lambda w: w["missing"]),
+    Case("serve-image-root-is-file", lambda w: ["serve", w["lm"], "--image-root", w["file"]], lambda w: w["file"]),
+    Case("serve-max-batch-zero", lambda w: ["serve", w["lm"], "--max-batch", "0"], lambda w: "--max-batch"),
+    Case("serve-max-tokens-zero", lambda w: ["serve", w["lm"], "--max-tokens", "0"], lambda w: "--max-tokens"),
+    Case("serve-max-images-negative", lambda w: ["serve", w["lm"], "--max-images", "-1"],
+         lambda w: "--max-images"),
+    Case("serve-timeout-zero", lambda w: ["serve", w["lm"], "--timeout", "0"], lambda w: "--timeout"),
+    Case("serve-unknown-device", lambda w: ["serve", w["lm"], "--device", "gpu0"], lambda w: "--device"),
+    Case("serve-adapter-does-not-fit", lambda w: ["serve", w["lm"], "--adapter", w["vl_adapter"], "--port",
+                                                  w["free_port"]], lambda w: w["vl_adapter"]),  # when applied
 ]
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
+def _run(argv: list[str], stdin: str = "", cwd=None) -> subprocess.CompletedProcess:
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([MEDVL, *argv], capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+        proc = subprocess.run([MEDVL, *argv], input=stdin, capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
+                              cwd=cwd)
     except subprocess.TimeoutExpired as exc:
         proc = subprocess.CompletedProcess(exc.cmd, -9, exc.stdout or "", f"timed out after {TIMEOUT} s")
     proc.seconds = time.perf_counter() - t0
@@ -300,7 +469,9 @@ def results(world):
     before = (world.root / "a-file").read_text()
     cases = [c for c in CASES if not (c.as_user and AS_ROOT)]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        done = dict(zip([c.id for c in cases], pool.map(lambda c: _run([str(a) for a in c.argv(world)]), cases)))
+        done = dict(zip([c.id for c in cases], pool.map(
+            lambda c: _run([str(a) for a in c.argv(world)], c.stdin(world) if callable(c.stdin) else c.stdin,
+                           c.cwd(world) if c.cwd else None), cases)))
     assert (world.root / "a-file").read_text() == before  # no case wrote over the file it was handed
     return done
 

@@ -54,6 +54,12 @@ def test_defaults_are_greedy_with_the_chat_budget():
     assert req.temperature is None and req.top_p is None and req.max_new_tokens == 512
 
 
+def test_the_default_budget_stays_within_a_lower_max_tokens():
+    """`medvl serve --max-tokens 100`: a request that names no max_tokens gets 100, not a refusal for 512."""
+    assert parse(user("hi"), limits=Limits(max_new_tokens=100)).max_new_tokens == 100
+    assert refused({**user("hi"), "max_tokens": 101}, limits=Limits(max_new_tokens=100)).param == "max_tokens"
+
+
 def test_data_url_image_is_kept_as_bytes_with_its_type():
     req = parse(user([{"type": "text", "text": "What is shown?"},
                       image_block(f"data:image/png;base64,{PNG_1PX}")]))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medvl.errors import MedvlError
 from medvl.evaluate.scoring import Scores, ScoredItem
 from medvl.evaluate.suites import SUITES, EvalSet
 
@@ -195,10 +196,32 @@ def write_predictions(path: str | Path, scores: Scores) -> Path:
     return _write_atomic(Path(path), "".join(line + "\n" for line in lines))
 
 
+OUTPUT_FILES = ("predictions.jsonl", "results.json")
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The --out folder of eval / score, refused before any work when the files cannot be written there: it is a
+    file, it lies under a file, or predictions.jsonl / results.json in it are folders."""
+    out_dir = Path(out_dir)
+    blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        what = "is a file, not a folder" if blocker == out_dir else f"lies under {blocker}, which is a file"
+        raise MedvlError(f"--out {out_dir} {what}", where=str(blocker),
+                         fix="give a new folder (or the folder of an earlier run to write into it again)")
+    for name in OUTPUT_FILES:
+        if (out_dir / name).is_dir():
+            raise MedvlError(f"--out {out_dir}: {name} there is a folder, so the {name} file cannot be written",
+                             where=str(out_dir / name), fix="remove or rename that folder, or choose another --out")
+    return out_dir
+
+
 def _write_atomic(path: Path, text: str) -> Path:
     # Write then rename: an interrupted run never leaves a half-written results file that looks complete.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write or rename, no stray .tmp is left next to the results
     return path

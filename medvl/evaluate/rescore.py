@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medvl.errors import MedvlError
-from medvl.evaluate.report import ComparisonRow, comparison_rows, write_predictions, write_results
+from medvl.evaluate.report import (ComparisonRow, check_out_dir, comparison_rows, write_predictions,
+                                   write_results)
 from medvl.evaluate.scoring import Scores, Unscorable, score
 from medvl.evaluate.suites import EvalItem, parse_item, read_records
 
@@ -107,6 +108,8 @@ def rescore(path: str | Path, out_dir: str | Path | None = None) -> Rescore:
     """Score a predictions file with every scorer; with `out_dir`, write predictions.jsonl and results.json."""
     t0 = time.perf_counter()
     source = resolve_predictions(path)
+    if out_dir is not None:
+        check_out_dir(out_dir)  # before reading: a bad --out is reported first, and nothing is written
     pairs, rejected, fmt, n_records = load_predictions(source)
     scores = score(pairs, unscorable="report", rejected=rejected)
     if not scores.items:

@@ -22,7 +22,8 @@ from pathlib import Path
 from medvl.errors import MedvlError
 from medvl.evaluate.generate import (Decoding, Generator, Target, answer_items, make_decoding, merge_shards,
                                      resolve_target)
-from medvl.evaluate.report import ComparisonRow, comparison_rows, write_predictions, write_results
+from medvl.evaluate.report import (ComparisonRow, check_out_dir, comparison_rows, write_predictions,
+                                   write_results)
 from medvl.evaluate.scoring import Scores, score
 from medvl.evaluate.suites import ALL, EvalSet, ImageProblem, check_images, load_suites
 from medvl.progress import NullProgress, ProgressSink
@@ -164,9 +165,7 @@ def evaluate(model: str | Path | None, data: str | Path, suites: str | list[str]
     out_dir = Path(out_dir)
     if batch_size < 1:
         raise MedvlError(f"batch size must be at least 1, got {batch_size}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MedvlError(f"--out {out_dir} is a file, not a folder", where=str(out_dir),
-                         fix="give a new folder (or the folder of an interrupted eval to resume it)")
+    check_out_dir(out_dir)
     dec = make_decoding(decoding, max_new_tokens=max_new_tokens, seed=seed)
     target = resolve_target(model, adapter)
     eval_set = load_suites(resolve_data(data), suites, sample=sample, seed=seed, image_roots=image_roots)

@@ -58,10 +58,21 @@ def check_settings(s: ServeSettings) -> None:
         raise MedvlError(f"port {s.port} is not a TCP port", fix="use 1-65535, e.g. --port 8000")
     if s.max_batch < 1:
         raise MedvlError(f"--max-batch must be at least 1, got {s.max_batch}")
+    if s.limits.max_images < 0:
+        raise MedvlError(f"--max-images must be 0 (text only) or more, got {s.limits.max_images}")
+    if s.limits.max_new_tokens < 1:
+        raise MedvlError(f"--max-tokens must be at least 1, got {s.limits.max_new_tokens}")
+    if not s.limits.timeout_s > 0:  # `not >` also refuses NaN
+        raise MedvlError(f"--timeout must be above 0 seconds, got {s.limits.timeout_s:g}",
+                         fix="e.g. --timeout 300 (the default)")
     for root in s.image_roots:
         if not Path(root).is_dir():
-            raise MedvlError(f"image root {root} is not a folder", where="--image-root",
-                             fix="give an existing folder whose images clients may name by path")
+            raise MedvlError(f"image root {root} is not a folder", where=str(root),
+                             fix="give an existing folder (--image-root) whose images clients may name by path")
+    from medvl.resolve import resolve_device, resolve_dtype
+
+    resolve_dtype(s.dtype)  # a misspelt --dtype or --device (or a GPU this machine lacks): now, not after loading
+    resolve_device(s.device)
 
 
 def served_name(s: ServeSettings, source) -> str:

@@ -149,8 +149,8 @@ def parse_chat_request(body: object, *, limits: Limits, served_model: str, image
         raise bad_request(f"{n_images} images in one request; this server allows {limits.max_images}",
                           "messages", "too_many_images")
     max_new = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_new is None:
-        max_new = limits.default_max_new_tokens
+    if max_new is None:  # the default budget, within this server's --max-tokens (a request that asks nothing
+        max_new = min(limits.default_max_new_tokens, limits.max_new_tokens)  # must not be refused for asking 512)
     if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
         raise bad_request("max_tokens must be a positive integer", "max_tokens")
     if max_new > limits.max_new_tokens:
