@@ -67,7 +67,12 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         # medvl packs one row per micro-batch, without padding or cache; anything else would need a mask here
         raise ValueError(f"per-sample attention takes one packed row without mask or cache, got a batch of "
                          f"{query.shape[0]}, {query.shape[2]} queries over {key.shape[2]} keys")
-    bounds = cu.tolist()
+    # Every layer (and gradient checkpointing's recompute) gets the same boundary tensor: read it to the host once
+    # per forward, not once per layer (on a GPU each .tolist() is a device sync).
+    bounds = getattr(cu, "_medvl_bounds", None)
+    if bounds is None:
+        bounds = cu.tolist()
+        cu._medvl_bounds = bounds
     outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout=dropout,
                                    scaling=scaling, is_causal=True, **kwargs)[0]
             for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
