@@ -249,9 +249,9 @@ def test_an_adapter_that_does_not_fit_is_a_message_in_the_app(tiny_dir, tmp_path
     async def main():
         app = ChatApp([resolve_model(tmp_path / "bigger", adapter=tmp_path / "adapter")])
         async with app.run_test(size=(100, 32)) as pilot:
-            for _ in range(200):
+            for _ in range(600):  # up to 30 s on a loaded machine: the note, then the status line
                 await pilot.pause(0.05)
-                if notes(app, error=True):
+                if notes(app, error=True) and "failed to load" in str(app.query_one("#status").render()):
                     break
             assert "does not fit the base model" in notes(app, error=True)[-1]
             assert "failed to load" in str(app.query_one("#status").render()) and app.is_running

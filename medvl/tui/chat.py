@@ -155,6 +155,7 @@ class ChatApp(App):
             self.note(_message(exc), error=True)
             return
         if step.quit:
+            self.action_stop()
             self.exit()
             return
         cols = self.columns()
@@ -232,6 +233,10 @@ class ChatApp(App):
         if self.running and self.session:
             for bot in self.session.bots:
                 bot.stop()
+
+    async def action_quit(self) -> None:
+        self.action_stop()  # an answer in progress ends at its next token instead of holding up the exit
+        self.exit()
 
 
 def _message(exc: Exception) -> str:
