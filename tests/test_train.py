@@ -286,3 +286,26 @@ def test_text_only_micro_batches_under_ddp_and_zero3(strategy, tiny_dir, half_te
     losses = [e["loss"] for e in events if e["kind"] == "train"]
     assert losses[:2] == pytest.approx(ref.losses[:2], abs=1e-4)
     assert losses == pytest.approx(ref.losses, abs=1e-2) and losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_rank_whose_micro_batch_lost_every_sample_stays_in_step_under_ddp(tiny_dir, half_text, tmp_path):
+    """A text model on half image data: every image sample is rejected at load time, so with micro-batch 1 a
+    rank often has no usable sample while the other has one. That rank must still run the DDP forward (an
+    ignored one-token row) or its gradient all-reduce pairs with the other rank's next one (wrong gradients,
+    then a crash). Losses then follow the single process with the same global batch."""
+    from medvl.commands.worker import MODULE as worker
+    from medvl.engine.launch import run_launched
+
+    tiny = tiny_dir("causal-lm")
+    common = ["train.max_steps=6", "train.micro_batch_size=1"]
+    ref = train(recipe(tiny, half_text, tmp_path / "single", *common, "train.grad_accum=2"))
+    r = recipe(tiny, half_text, tmp_path / "run", *common, "distributed.nproc=2", "distributed.strategy=ddp")
+    assert run_launched(r, worker=worker) == 0
+    events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    start = next(e for e in events if e["kind"] == "start")
+    assert start["world_size"] == 2 and start["distributed"] == "MULTI_CPU"
+    train_events = [e for e in events if e["kind"] == "train"]
+    assert sum(e["rejected"] for e in train_events) > 0  # the case under test happened
+    assert [e["loss"] for e in train_events] == pytest.approx(ref.losses, abs=1e-5)
+

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from medvl.engine import checkpoint as ckpt
 from medvl.engine import guards
-from medvl.engine.batches import build_data, keepalive_sample, make_loader
+from medvl.engine.batches import build_data, idle_batch, idle_sample, keepalive_sample, make_loader
 from medvl.engine.loss import require_supervision, supervised_tokens, token_loss_sum
 from medvl.engine.metrics import (CheckpointEvent, EndEvent, EvalEvent, Fanout, JsonlSink, StartEvent, TrainEvent,
                                   device_stats, dir_size, process_facts, record_stop, trainable_params)
@@ -149,6 +149,9 @@ def _train(recipe, *, resume, sinks, stop_after_step) -> RunResult:
     keepalive = keepalive_sample(processor, family) if family.is_vision and _needs_keepalive(recipe, table) else None
     loader = make_loader(dataset, train_ids, batch_plan, accelerator.process_index, start, total_steps,
                          recipe.data.num_workers, tok.pad_token_id, packed, keepalive)
+    # With several processes a rank whose micro-batch lost every sample still runs the wrapped model's forward
+    # (on this ignored row), or its gradient all-reduce / ZeRO-3 gathers would pair with the wrong step's.
+    idle = idle_sample(processor, family, keepalive) if accelerator.num_processes > 1 else None
     dtype = next(p for p in model.parameters()).dtype
 
     result = RunResult(run_dir, run_dir / "final", start, table=table)
@@ -169,6 +172,8 @@ def _train(recipe, *, resume, sinks, stop_after_step) -> RunResult:
         loss_sum = torch.zeros((), device=accelerator.device)
         for m, (batch, _) in enumerate(window):
             with accelerator.accumulate(model):
+                if batch is None and idle is not None and window_tokens:
+                    batch = idle_batch(idle, tok.pad_token_id, packed)
                 if batch is None or window_tokens == 0:
                     loss = _zero_loss(model)
                 else:
