@@ -214,7 +214,7 @@ def _train(recipe, *, resume, sinks, stop_after_step) -> RunResult:
                 mfu=mfu(flops_token, inputs_seen / elapsed, peak, accelerator.num_processes) if peak else None,
                 eta_s=round(elapsed / done * (total_steps - step - 1), 1), rejected=n_rejected))
         if val is not None and recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
-            v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive)
+            v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive, idle)
             result.eval_losses.append((step + 1, v))
             sink.log(EvalEvent(step=step + 1, eval_loss=round(v, 6)))
         if bench_set is not None and (step + 1) % recipe.eval.every == 0:
@@ -232,7 +232,7 @@ def _train(recipe, *, resume, sinks, stop_after_step) -> RunResult:
 
     result.steps = total_steps
     if val is not None and not (result.eval_losses and result.eval_losses[-1][0] == total_steps):
-        v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive)
+        v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive, idle)
         result.eval_losses.append((total_steps, v))
         sink.log(EvalEvent(step=total_steps, eval_loss=round(v, 6)))
     if recipe.train.save_every:
