@@ -24,6 +24,24 @@ def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
 
+def unwrap_model(model):
+    """The transformers model under the wrappers training puts around it: DDP and DeepSpeed's engine (`.module`),
+    then peft (`get_base_model`). By type: a DeepSpeedEngine forwards unknown attributes (get_output_embeddings)
+    to the model, yet its own `config` is DeepSpeed's, so asking "does it look like a model" stops too early."""
+    import sys
+
+    import torch
+
+    wrappers = (torch.nn.parallel.DistributedDataParallel,)
+    # Only when DeepSpeed is loaded: no model can be inside its engine otherwise, and importing it costs seconds.
+    engine = getattr(sys.modules.get("deepspeed.runtime.engine"), "DeepSpeedEngine", None)
+    if engine is not None:
+        wrappers += (engine,)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @functools.cache
 def torchvision_usable() -> bool:
     if importlib.util.find_spec("torchvision") is None:

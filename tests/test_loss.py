@@ -111,3 +111,21 @@ def test_chunked_loss_under_gradient_checkpointing_trains(method, tiny_dir, prep
     res = train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", "train.max_steps=6",
                        "train.gradient_checkpointing=true", "train.vision_gradient_checkpointing=true", *extra))
     assert all(torch.isfinite(torch.tensor(res.losses))) and res.losses[-1] < res.losses[0]
+
+
+def test_logit_transform_check_sees_the_model_config_inside_a_deepspeed_engine(tiny_dir):
+    """A DeepSpeedEngine forwards get_output_embeddings to its model but its `config` is DeepSpeed's: the loss
+    must unwrap it by type, or a soft-capping model would take the chunked path (which skips the capping)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from medvl.engine.loss import _transforms_logits
+    from medvl.models import unwrap_model
+
+    model = load_model(tiny_dir("causal-lm"))
+    model.config.final_logit_softcapping = 30.0
+    engine = DeepSpeedEngine.__new__(DeepSpeedEngine)  # the wrapper as DeepSpeed leaves it, without a process group
+    torch.nn.Module.__init__(engine)
+    engine.__dict__["module"] = model  # where DeepSpeed keeps it (its __getattr__ forwards through this)
+    engine.__dict__["config"] = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    assert engine.get_output_embeddings() is model.lm_head  # forwarded: looking like a model is not enough
+    assert unwrap_model(engine) is model and _transforms_logits(unwrap_model(engine))

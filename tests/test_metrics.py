@@ -193,3 +193,46 @@ def test_a_nan_stop_leaves_its_diagnosis_for_the_dashboard(tiny_dir, prepared_te
     h.poll()
     assert h.status() == "stopped" and "nan at step 3" in h.stop.message and h.stop.fix
     assert h.step == 2 and [e.kind for e in h.events][-1] == "stop"
+
+
+def test_a_run_that_stops_by_an_exception_closes_its_trackers(tiny_dir, prepared_text, tmp_path, monkeypatch):
+    """A NaN stop at step 3: the TensorBoard writer still gets close() (accelerate's finish()) after the `stop`
+    event went into metrics.jsonl; before, only the JSONL sink was closed and W&B/TensorBoard runs were left open."""
+    import sys
+    import types
+
+    import medvl.engine.train as engine
+    from medvl.config import load_recipe
+
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir, **kwargs):
+            calls.append("init")
+
+        def add_scalar(self, key, value, global_step=None):
+            calls.append(("scalar", global_step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append("close")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    real = engine.token_loss_sum
+    n = {"calls": 0}
+
+    def poisoned(model, family, batch):
+        n["calls"] += 1
+        return real(model, family, batch) * (float("nan") if n["calls"] >= 3 else 1.0)
+
+    monkeypatch.setattr(engine, "token_loss_sum", poisoned)
+    r = load_recipe("tiny_cpu", [f"model.base={tiny_dir('causal-lm')}", f"data.train=[{prepared_text}]",
+                                 f"output.dir={tmp_path / 'run'}", "train.max_steps=6", "train.save_every=null",
+                                 "train.eval_every=null", "data.val_fraction=null", "train.log_every=1",
+                                 "output.report_to=[tensorboard]"])
+    with pytest.raises(MedvlError, match="nan"):
+        engine.train(r)
+    assert calls[0] == "init" and ("scalar", 2) in calls and calls.count("close") == 1 and calls[-1] == "close"
+    assert [e.kind for e in read_events(tmp_path / "run" / "metrics.jsonl")][-1] == "stop"

@@ -286,3 +286,56 @@ def test_text_only_micro_batches_under_ddp_and_zero3(strategy, tiny_dir, half_te
     losses = [e["loss"] for e in events if e["kind"] == "train"]
     assert losses[:2] == pytest.approx(ref.losses[:2], abs=1e-4)
     assert losses == pytest.approx(ref.losses, abs=1e-2) and losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_rank_whose_micro_batch_lost_every_sample_stays_in_step_under_ddp(tiny_dir, half_text, tmp_path):
+    """A text model on half image data: every image sample is rejected at load time, so with micro-batch 1 a
+    rank often has no usable sample while the other has one. That rank must still run the DDP forward (an
+    ignored one-token row) or its gradient all-reduce pairs with the other rank's next one (wrong gradients,
+    then a crash). Losses then follow the single process with the same global batch."""
+    from medvl.commands.worker import MODULE as worker
+    from medvl.engine.launch import run_launched
+
+    tiny = tiny_dir("causal-lm")
+    common = ["train.max_steps=6", "train.micro_batch_size=1"]
+    ref = train(recipe(tiny, half_text, tmp_path / "single", *common, "train.grad_accum=2"))
+    r = recipe(tiny, half_text, tmp_path / "run", *common, "distributed.nproc=2", "distributed.strategy=ddp")
+    assert run_launched(r, worker=worker) == 0
+    events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    start = next(e for e in events if e["kind"] == "start")
+    assert start["world_size"] == 2 and start["distributed"] == "MULTI_CPU"
+    train_events = [e for e in events if e["kind"] == "train"]
+    assert sum(e["rejected"] for e in train_events) > 0  # the case under test happened
+    assert [e["loss"] for e in train_events] == pytest.approx(ref.losses, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_loss_over_an_uneven_val_split_finishes_under_zero3(tiny_dir, prepared_text, tmp_path):
+    """9 validation samples, micro-batch 4, 2 ranks: rank 0 has 5 (2 batches), rank 1 has 4 (1 batch). Under
+    ZeRO-3 every forward gathers parameters on all ranks, so rank 1 must run a second (ignored) forward or rank 0
+    waits for ever. The loss is the single-process eval loss over the same 9 samples."""
+    from medvl.commands.worker import MODULE as worker
+    from medvl.engine.launch import run_launched
+
+    from importlib import resources
+
+    # The shipped zero3.json keeps parameters under 100,000 elements whole on every rank (all of the tiny
+    # model's) and gathered ones live on for 1e9 elements: partition and release every one, so each forward
+    # really gathers.
+    ds = json.loads((resources.files("medvl.recipes") / "deepspeed" / "zero3.json").read_text())
+    ds["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0,
+                                   stage3_max_live_parameters=0, stage3_prefetch_bucket_size=0)
+    (tmp_path / "zero3-all.json").write_text(json.dumps(ds))
+    tiny = tiny_dir("causal-lm")
+    common = ["train.max_steps=2", "data.val_fraction=0.15"]  # int(64 x 0.15) = 9 held out
+    ref = train(recipe(tiny, prepared_text, tmp_path / "single", *common, "train.grad_accum=2"))
+    r = recipe(tiny, prepared_text, tmp_path / "run", *common, "distributed.nproc=2",
+               "distributed.strategy=deepspeed-zero3", f"distributed.deepspeed_config={tmp_path / 'zero3-all.json'}")
+    assert run_launched(r, worker=worker) == 0
+    events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    start = next(e for e in events if e["kind"] == "start")
+    assert start["world_size"] == 2 and start["distributed"] == "DEEPSPEED"
+    evals = [e for e in events if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [2] and ref.eval_losses[0][0] == 2
+    assert evals[0]["eval_loss"] == pytest.approx(ref.eval_losses[0][1], abs=1e-4)

@@ -26,7 +26,7 @@ from medvl.data.turns import (TemplateError, check_template, to_template_message
                               trained_turns)
 from medvl.data.turns import render_with_spans as _render_with_spans
 from medvl.families import Family
-from medvl.models import tokenizer_of
+from medvl.models import tokenizer_of, unwrap_model
 
 IGNORE = -100
 # Keys whose second dimension is the token sequence; everything else the processor returns is per image.
@@ -183,7 +183,7 @@ def packed_mrope_position_ids(model, batch: dict):
     step of the tiny model."""
     import torch
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_model(model)
     ids, lens = batch["input_ids"], batch["seq_lens"]
     n = ids.shape[1]
     if int(batch["images_per_sample"].sum()):

@@ -131,6 +131,33 @@ def keepalive_sample(processor, family):
     return Encoded(enc.input_ids, [IGNORE] * len(enc), enc.vision, enc.mm_token_type_ids, 1, 0, "__keepalive__")
 
 
+def idle_sample(processor, family, keepalive=None):
+    """The sample a rank runs when it has nothing to run (every sample of its micro-batch rejected at load time,
+    or fewer validation batches than another rank) while other ranks run a forward: under DDP the backward's
+    gradient all-reduce, under ZeRO-3 the forward's parameter all-gathers must happen on every rank, in step.
+    Its labels are all ignored, so it adds 0 loss and 0 supervised tokens. Vision families: the keepalive row
+    (runs the vision tower too); text families: one token."""
+    if keepalive is not None:
+        return keepalive
+    if family.is_vision:
+        return keepalive_sample(processor, family)
+    from medvl.data.collate import Encoded
+    from medvl.models import tokenizer_of
+
+    tok = tokenizer_of(processor)
+    token = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+    return Encoded([token], [IGNORE], sample_id="__keepalive__")
+
+
+def idle_batch(idle, pad_id: int, pack: bool):
+    """The micro-batch of `idle_sample` alone (counted as a keepalive row: no sample, no supervised token)."""
+    import torch
+
+    batch = collate([idle], pad_id, pack=pack)
+    batch["keepalive"] = torch.tensor(1)
+    return batch
+
+
 def collate_with_keepalive(encs, pad_id: int, pack: bool, keepalive=None):
     if keepalive is not None and not any(e.n_images for e in encs):
         encs = encs + [keepalive]

@@ -22,6 +22,7 @@ import contextlib
 import functools
 
 from medvl.data.collate import IGNORE, model_inputs
+from medvl.models import unwrap_model
 
 # 1,024 tokens x 151,936 vocab x ~12 B = 1.9 GB per chunk at Qwen's vocabulary; smaller chunks save little more
 # memory (the model's own activations dominate) and add per-chunk overhead.
@@ -42,7 +43,7 @@ def token_loss_sum(model, family, batch, *, chunk_tokens: int | None = CHUNK_TOK
     kept as the reference the chunked path is tested against."""
     import torch
 
-    inner = unwrap(model)
+    inner = unwrap_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if chunk_tokens is None or head is None or _transforms_logits(inner):
         out = model(**model_inputs(inner, family, batch))
@@ -107,13 +108,6 @@ def _capture_head_input(head):
 def _transforms_logits(model) -> bool:
     configs = [model.config, getattr(model.config, "text_config", None)]
     return any(getattr(c, a, None) not in (None, 1, 1.0) for c in configs if c is not None for a in _LOGIT_TRANSFORMS)
-
-
-def unwrap(model):
-    """The transformers model under DDP / DeepSpeed (`.module`) and peft (`get_base_model`) wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def logits_bytes(tokens: int, vocab: int, chunk_tokens: int | None = CHUNK_TOKENS) -> int:

@@ -295,7 +295,9 @@ class Fanout:
             s.log(event)
 
     def close(self) -> None:
-        for s in self.sinks:
+        """Closes each sink once (the loop closes before its last barrier, and again on its way out)."""
+        sinks, self.sinks = self.sinks, []
+        for s in sinks:
             s.close()
 
 

@@ -42,7 +42,9 @@ def register() -> None:
 def use_segment_attention(model) -> bool:
     """Switch an sdpa model to per-sample attention for packed rows; True if it did. flash_attention_2 needs
     nothing (it reads the same boundaries); eager keeps transformers' block mask."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from medvl.models import unwrap_model
+
+    inner = unwrap_model(model)
     if getattr(inner.config, "_attn_implementation", None) != "sdpa":
         return False
     register()

@@ -45,6 +45,8 @@ def reporting_sinks(report_to: list[str], run_dir: Path, name: str, config: dict
         try:
             sinks.append(TrackerSink(_tracker(backend, Path(run_dir), name, config)))
         except ImportError:
+            for built in sinks:  # the backends already started are not in the run's sinks yet
+                built.close()
             # the package is named as the backend (accelerate also takes tensorboardX for tensorboard)
             raise MedvlError(f"output.report_to lists {backend} but the '{backend}' package is not installed",
                              fix=f"pip install {backend}, or remove {backend} from output.report_to") from None

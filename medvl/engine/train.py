@@ -24,7 +24,7 @@ from pathlib import Path
 
 from medvl.engine import checkpoint as ckpt
 from medvl.engine import guards
-from medvl.engine.batches import build_data, keepalive_sample, make_loader
+from medvl.engine.batches import build_data, idle_batch, idle_sample, keepalive_sample, make_loader
 from medvl.engine.loss import require_supervision, supervised_tokens, token_loss_sum
 from medvl.engine.metrics import (CheckpointEvent, EndEvent, EvalEvent, Fanout, JsonlSink, StartEvent, TrainEvent,
                                   device_stats, dir_size, process_facts, record_stop, trainable_params)
@@ -54,14 +54,6 @@ class RunResult:
 def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int | None = None) -> RunResult:
     """Run a recipe to the end (or to `stop_after_step`, used by the kill-and-resume test); returns the run.
     A run that stops by an exception leaves a `stop` event in metrics.jsonl saying why (for the dashboard)."""
-    try:
-        return _train(recipe, resume=resume, sinks=sinks, stop_after_step=stop_after_step)
-    except BaseException as exc:
-        record_stop(recipe.output.dir, exc)
-        raise
-
-
-def _train(recipe, *, resume, sinks, stop_after_step) -> RunResult:
     from medvl.config import recipe_to_yaml
     from medvl.data.dataset import verify_recipe_data
 
@@ -127,119 +119,130 @@ def _train(recipe, *, resume, sinks, stop_after_step) -> RunResult:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to load leaves no empty folder
     sink = Fanout(list(sinks) + ([JsonlSink(run_dir / "metrics.jsonl", append=resume_from is not None)] if main else []))
-    if main and resume_from is None:
-        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-        (run_dir / "trainability.json").write_text(json.dumps(table, indent=2))
-        (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2))
-    if main:
-        sink.sinks += reporting_sinks(recipe.output.report_to, run_dir, run_dir.name, json.loads(recipe.model_dump_json()))
-        sink.log(StartEvent(
-            run_dir=str(run_dir), recipe=Path(recipe.source).stem if recipe.source else None, model=recipe.model.base,
-            family=family.name, method=recipe.method, total_steps=total_steps, start_step=start,
-            resumed_from=str(resume_from) if resume_from is not None else None,
-            world_size=accelerator.num_processes, global_batch=recipe.global_batch,
-            steps_per_epoch=batch_plan.steps_per_epoch, samples=len(train_ids),
-            dropped_per_epoch=batch_plan.dropped_per_epoch(), trainable_params=trainable_params(table), table=table,
-            distributed=accelerator.distributed_type.name, device=str(accelerator.device),
-            keep_last=recipe.train.keep_last, packing=packing_note, **process_facts()))
-        if changes:
-            sink.log(ckpt.recipe_change_event(start, changes))
+    try:
+        if main and resume_from is None:
+            (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+            (run_dir / "trainability.json").write_text(json.dumps(table, indent=2))
+            (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2))
+        if main:
+            sink.sinks += reporting_sinks(recipe.output.report_to, run_dir, run_dir.name, json.loads(recipe.model_dump_json()))
+            sink.log(StartEvent(
+                run_dir=str(run_dir), recipe=Path(recipe.source).stem if recipe.source else None, model=recipe.model.base,
+                family=family.name, method=recipe.method, total_steps=total_steps, start_step=start,
+                resumed_from=str(resume_from) if resume_from is not None else None,
+                world_size=accelerator.num_processes, global_batch=recipe.global_batch,
+                steps_per_epoch=batch_plan.steps_per_epoch, samples=len(train_ids),
+                dropped_per_epoch=batch_plan.dropped_per_epoch(), trainable_params=trainable_params(table), table=table,
+                distributed=accelerator.distributed_type.name, device=str(accelerator.device),
+                keep_last=recipe.train.keep_last, packing=packing_note, **process_facts()))
+            if changes:
+                sink.log(ckpt.recipe_change_event(start, changes))
 
-    tok = tokenizer_of(processor)
-    keepalive = keepalive_sample(processor, family) if family.is_vision and _needs_keepalive(recipe, table) else None
-    loader = make_loader(dataset, train_ids, batch_plan, accelerator.process_index, start, total_steps,
-                         recipe.data.num_workers, tok.pad_token_id, packed, keepalive)
-    dtype = next(p for p in model.parameters()).dtype
+        tok = tokenizer_of(processor)
+        keepalive = keepalive_sample(processor, family) if family.is_vision and _needs_keepalive(recipe, table) else None
+        loader = make_loader(dataset, train_ids, batch_plan, accelerator.process_index, start, total_steps,
+                             recipe.data.num_workers, tok.pad_token_id, packed, keepalive)
+        # With several processes a rank whose micro-batch lost every sample still runs the wrapped model's forward
+        # (on this ignored row), or its gradient all-reduce / ZeRO-3 gathers would pair with the wrong step's.
+        idle = idle_sample(processor, family, keepalive) if accelerator.num_processes > 1 else None
+        dtype = next(p for p in model.parameters()).dtype
 
-    result = RunResult(run_dir, run_dir / "final", start, table=table)
-    guard = _Guard(sink, run_dir)
-    collapse = guards.Collapse(accelerator.unwrap_model(model), run_dir)
-    micro_iter = iter(loader)
-    t_start, tokens_seen, samples_seen, inputs_seen = time.perf_counter(), 0, 0, 0
-    model.train()
-    for step in range(start, total_steps):
-        # ---- gather the window, count its supervised tokens on all ranks
-        window = [next(micro_iter) for _ in range(recipe.train.grad_accum)]
-        rejected = [r for _, rej in window for r in rej]
-        local = [sum(supervised_tokens(b) for b, _ in window), len(rejected),
-                 sum(len(b["seq_lens"]) - int(b["keepalive"]) for b, _ in window if b is not None),  # samples
-                 sum(int(b["seq_lens"].sum()) for b, _ in window if b is not None)]  # input tokens, no padding
-        counts = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")
-        window_tokens, n_rejected, window_samples, window_inputs = (int(c) for c in counts)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for m, (batch, _) in enumerate(window):
-            with accelerator.accumulate(model):
-                if batch is None or window_tokens == 0:
-                    loss = _zero_loss(model)
-                else:
-                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                    if batch.get("pixel_values") is not None:
-                        batch["pixel_values"] = batch["pixel_values"].to(dtype)
-                    with accelerator.autocast():
-                        summed = token_loss_sum(model, family, batch)
-                    loss_sum += summed.detach()
-                    loss = summed / window_tokens * accelerator.num_processes * recipe.train.grad_accum
-                accelerator.backward(loss)
-        grad_norm = _clip(accelerator, model, recipe.optim.max_grad_norm)
-        with guards.optimizer_overflow(step + 1, run_dir):
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        position.step = step + 1
+        result = RunResult(run_dir, run_dir / "final", start, table=table)
+        guard = _Guard(sink, run_dir)
+        collapse = guards.Collapse(accelerator.unwrap_model(model), run_dir)
+        micro_iter = iter(loader)
+        t_start, tokens_seen, samples_seen, inputs_seen = time.perf_counter(), 0, 0, 0
+        model.train()
+        for step in range(start, total_steps):
+            # ---- gather the window, count its supervised tokens on all ranks
+            window = [next(micro_iter) for _ in range(recipe.train.grad_accum)]
+            rejected = [r for _, rej in window for r in rej]
+            local = [sum(supervised_tokens(b) for b, _ in window), len(rejected),
+                     sum(len(b["seq_lens"]) - int(b["keepalive"]) for b, _ in window if b is not None),  # samples
+                     sum(int(b["seq_lens"].sum()) for b, _ in window if b is not None)]  # input tokens, no padding
+            counts = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")
+            window_tokens, n_rejected, window_samples, window_inputs = (int(c) for c in counts)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for m, (batch, _) in enumerate(window):
+                with accelerator.accumulate(model):
+                    if batch is None and idle is not None and window_tokens:
+                        batch = idle_batch(idle, tok.pad_token_id, packed)
+                    if batch is None or window_tokens == 0:
+                        loss = _zero_loss(model)
+                    else:
+                        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                        if batch.get("pixel_values") is not None:
+                            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+                        with accelerator.autocast():
+                            summed = token_loss_sum(model, family, batch)
+                        loss_sum += summed.detach()
+                        loss = summed / window_tokens * accelerator.num_processes * recipe.train.grad_accum
+                    accelerator.backward(loss)
+            grad_norm = _clip(accelerator, model, recipe.optim.max_grad_norm)
+            with guards.optimizer_overflow(step + 1, run_dir):
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            position.step = step + 1
 
-        # ---- bookkeeping (rank 0 logs; every rank checks the guardrails so all stop together)
-        mean_loss = float(accelerator.reduce(loss_sum, "sum")) / max(window_tokens, 1)
-        tokens_seen += window_tokens
-        samples_seen += window_samples
-        inputs_seen += window_inputs
-        result.losses.append(mean_loss)
-        guard.check(step + 1, mean_loss, grad_norm, window_tokens, n_rejected, rejected)
-        require_supervision(tokens_seen, step + 1 - start, batch_plan.steps_per_epoch, total_steps - start)
-        collapse.check(step + 1, mean_loss, grad_norm, window_tokens)
-        if (step + 1) % recipe.train.log_every == 0 or step + 1 == total_steps or step == start:
-            elapsed = time.perf_counter() - t_start
-            done = step + 1 - start
-            memory, util = device_stats(accelerator)  # a collective: every rank is here
-            sink.log(TrainEvent(
-                step=step + 1, total_steps=total_steps, epoch=round((step + 1) / batch_plan.steps_per_epoch, 3),
-                loss=round(mean_loss, 6), lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, tokens=window_tokens,
-                tokens_per_s=round(tokens_seen / elapsed, 1), samples_per_s=round(samples_seen / elapsed, 3),
-                input_tokens_per_s=round(inputs_seen / elapsed, 1), memory_gb=max(memory),
-                memory_gb_per_device=memory, gpu_util=util,
-                mfu=mfu(flops_token, inputs_seen / elapsed, peak, accelerator.num_processes) if peak else None,
-                eta_s=round(elapsed / done * (total_steps - step - 1), 1), rejected=n_rejected))
-        if val is not None and recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
-            v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive)
-            result.eval_losses.append((step + 1, v))
-            sink.log(EvalEvent(step=step + 1, eval_loss=round(v, 6)))
-        if bench_set is not None and (step + 1) % recipe.eval.every == 0:
-            sink.log(benchmark_eval(model, processor, family, bench_set, recipe, accelerator, run_dir, step + 1))
-        if recipe.train.save_every and (step + 1) % recipe.train.save_every == 0 and step + 1 < total_steps:
-            path = ckpt.save_checkpoint(accelerator, run_dir, step + 1, _trainer_state(step + 1, accelerator, recipe),
+            # ---- bookkeeping (rank 0 logs; every rank checks the guardrails so all stop together)
+            mean_loss = float(accelerator.reduce(loss_sum, "sum")) / max(window_tokens, 1)
+            tokens_seen += window_tokens
+            samples_seen += window_samples
+            inputs_seen += window_inputs
+            result.losses.append(mean_loss)
+            guard.check(step + 1, mean_loss, grad_norm, window_tokens, n_rejected, rejected)
+            require_supervision(tokens_seen, step + 1 - start, batch_plan.steps_per_epoch, total_steps - start)
+            collapse.check(step + 1, mean_loss, grad_norm, window_tokens)
+            if (step + 1) % recipe.train.log_every == 0 or step + 1 == total_steps or step == start:
+                elapsed = time.perf_counter() - t_start
+                done = step + 1 - start
+                memory, util = device_stats(accelerator)  # a collective: every rank is here
+                sink.log(TrainEvent(
+                    step=step + 1, total_steps=total_steps, epoch=round((step + 1) / batch_plan.steps_per_epoch, 3),
+                    loss=round(mean_loss, 6), lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, tokens=window_tokens,
+                    tokens_per_s=round(tokens_seen / elapsed, 1), samples_per_s=round(samples_seen / elapsed, 3),
+                    input_tokens_per_s=round(inputs_seen / elapsed, 1), memory_gb=max(memory),
+                    memory_gb_per_device=memory, gpu_util=util,
+                    mfu=mfu(flops_token, inputs_seen / elapsed, peak, accelerator.num_processes) if peak else None,
+                    eta_s=round(elapsed / done * (total_steps - step - 1), 1), rejected=n_rejected))
+            if val is not None and recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
+                v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive, idle)
+                result.eval_losses.append((step + 1, v))
+                sink.log(EvalEvent(step=step + 1, eval_loss=round(v, 6)))
+            if bench_set is not None and (step + 1) % recipe.eval.every == 0:
+                sink.log(benchmark_eval(model, processor, family, bench_set, recipe, accelerator, run_dir, step + 1))
+            if recipe.train.save_every and (step + 1) % recipe.train.save_every == 0 and step + 1 < total_steps:
+                path = ckpt.save_checkpoint(accelerator, run_dir, step + 1, _trainer_state(step + 1, accelerator, recipe),
+                                            keep_last=recipe.train.keep_last or 1, resumable=resumable)
+                sink.log(CheckpointEvent(step=step + 1, path=str(path), size_bytes=dir_size(path),
+                                         keep_last=recipe.train.keep_last or 1))
+            if stop_after_step is not None and step + 1 >= stop_after_step:
+                result.steps = step + 1
+                sink.close()
+                accelerator.wait_for_everyone()
+                return result
+
+        result.steps = total_steps
+        if val is not None and not (result.eval_losses and result.eval_losses[-1][0] == total_steps):
+            v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive, idle)
+            result.eval_losses.append((total_steps, v))
+            sink.log(EvalEvent(step=total_steps, eval_loss=round(v, 6)))
+        if recipe.train.save_every:
+            path = ckpt.save_checkpoint(accelerator, run_dir, total_steps, _trainer_state(total_steps, accelerator, recipe),
                                         keep_last=recipe.train.keep_last or 1, resumable=resumable)
-            sink.log(CheckpointEvent(step=step + 1, path=str(path), size_bytes=dir_size(path),
+            sink.log(CheckpointEvent(step=total_steps, path=str(path), size_bytes=dir_size(path),
                                      keep_last=recipe.train.keep_last or 1))
-        if stop_after_step is not None and step + 1 >= stop_after_step:
-            result.steps = step + 1
-            sink.close()
-            accelerator.wait_for_everyone()
-            return result
-
-    result.steps = total_steps
-    if val is not None and not (result.eval_losses and result.eval_losses[-1][0] == total_steps):
-        v = eval_loss(model, family, val, processor, accelerator, recipe, keepalive)
-        result.eval_losses.append((total_steps, v))
-        sink.log(EvalEvent(step=total_steps, eval_loss=round(v, 6)))
-    if recipe.train.save_every:
-        path = ckpt.save_checkpoint(accelerator, run_dir, total_steps, _trainer_state(total_steps, accelerator, recipe),
-                                    keep_last=recipe.train.keep_last or 1, resumable=resumable)
-        sink.log(CheckpointEvent(step=total_steps, path=str(path), size_bytes=dir_size(path),
-                                 keep_last=recipe.train.keep_last or 1))
-    save_final(accelerator, model, processor, recipe, run_dir / "final", table)
-    sink.log(EndEvent(step=total_steps, final_dir=str(run_dir / "final"), wall_s=round(time.perf_counter() - t_start, 2)))
-    sink.close()
-    accelerator.wait_for_everyone()
-    return result
+        save_final(accelerator, model, processor, recipe, run_dir / "final", table)
+        sink.log(EndEvent(step=total_steps, final_dir=str(run_dir / "final"), wall_s=round(time.perf_counter() - t_start, 2)))
+        sink.close()
+        accelerator.wait_for_everyone()
+        return result
+    except BaseException as exc:
+        record_stop(run_dir, exc)  # the `stop` event is written before the sinks close
+        raise
+    finally:
+        sink.close()  # every sink, trackers included (TensorBoard/W&B finish()), on every way out
 
 
 class _Position:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medvl.engine.batches import collate_with_keepalive
+from medvl.engine.batches import collate_with_keepalive, idle_batch
 from medvl.engine.loss import supervised_tokens, token_loss_sum
 from medvl.models import tokenizer_of
 
@@ -51,21 +51,30 @@ def benchmark_eval(model, processor, family, eval_set, recipe, accelerator, run_
             "benchmark": {name: {"acc": round(a.acc, 4), "n": a.n} for name, a in scores.datasets.items()}}
 
 
-def eval_loss(model, family, val, processor, accelerator, recipe, keepalive=None) -> float:
+def eval_loss(model, family, val, processor, accelerator, recipe, keepalive=None, idle=None) -> float:
+    """Mean token loss over the validation set, each rank scoring its share. With several processes every rank
+    runs the same number of forwards (ZeRO-3 / FSDP gather parameters in each one, so a rank with one batch
+    fewer would leave the others waiting): a rank short of batches, or whose batch lost every sample, runs
+    `idle` (batches.idle_sample: labels all ignored, so it adds no loss and no token)."""
+    import math
+
     import torch
 
     dataset, ids = val
     tok = tokenizer_of(processor)
-    mine = ids[accelerator.process_index::accelerator.num_processes]
+    mb, world = recipe.train.micro_batch_size, accelerator.num_processes
+    mine = ids[accelerator.process_index::world]
+    n_batches = math.ceil(math.ceil(len(ids) / world) / mb) if idle is not None else math.ceil(len(mine) / mb)
     total = torch.zeros(2, device=accelerator.device)
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(mine), recipe.train.micro_batch_size):
-            encs = [dataset[j] for j in mine[i:i + recipe.train.micro_batch_size]]
+        for i in range(0, n_batches * mb, mb):
+            encs = [dataset[j] for j in mine[i:i + mb]]
             encs = [e for e in encs if hasattr(e, "input_ids")]
-            if not encs:
+            if not encs and idle is None:
                 continue
-            batch = collate_with_keepalive(encs, tok.pad_token_id, False, keepalive)
+            batch = (collate_with_keepalive(encs, tok.pad_token_id, False, keepalive) if encs
+                     else idle_batch(idle, tok.pad_token_id, False))
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
                 total[0] += token_loss_sum(model, family, batch).float()
