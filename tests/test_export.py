@@ -204,7 +204,7 @@ def test_deepspeed_zero3_checkpoint_is_consolidated(tiny_dir, prepared_text, tmp
                                  f"output.dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_every=2",
                                  "train.eval_every=null", "data.val_fraction=null", "train.micro_batch_size=4",
                                  "distributed.nproc=2", "distributed.strategy=deepspeed-zero3"])
-    assert run_launched(r, worker=worker) == 0
+    assert run_launched(r, worker=worker, timeout=600) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
     assert list((ckpt / "pytorch_model").glob("zero_pp_rank_1_*model_states.pt"))
     assert not (ckpt / "model.safetensors").exists()

@@ -150,7 +150,7 @@ def test_packed_rows_under_ddp_match_one_process(tiny_dir, prepared_vqa, tmp_pat
     ref = train(recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "single", *common, "train.grad_accum=2"))
     r = recipe(tiny_dir("qwen2.5-vl"), prepared_vqa, tmp_path / "run", *common, "distributed.nproc=2",
                "distributed.strategy=ddp")
-    assert run_launched(r, worker="medvl.commands.worker") == 0
+    assert run_launched(r, worker="medvl.commands.worker", timeout=600) == 0
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")
               if json.loads(line)["kind"] == "train"]
     assert losses == pytest.approx(ref.losses, abs=1e-5)

@@ -166,7 +166,7 @@ def _launched(tiny, data, out, strategy):
 
     r = recipe(tiny, data, out, "train.max_steps=6", "train.save_every=3", "distributed.nproc=2",
                f"distributed.strategy={strategy}")
-    assert run_launched(r, worker=worker) == 0
+    assert run_launched(r, worker=worker, timeout=600) == 0
     events = [json.loads(line) for line in open(out / "metrics.jsonl")]
     start = next(e for e in events if e["kind"] == "start")
     return start, [e["loss"] for e in events if e["kind"] == "train"]
@@ -280,7 +280,7 @@ def test_text_only_micro_batches_under_ddp_and_zero3(strategy, tiny_dir, half_te
     common = ["train.max_steps=4", "train.micro_batch_size=1"]
     ref = train(recipe(tiny, half_text, tmp_path / "single", *common, "train.grad_accum=2"))
     r = recipe(tiny, half_text, tmp_path / "run", *common, "distributed.nproc=2", f"distributed.strategy={strategy}")
-    assert run_launched(r, worker=worker) == 0
+    assert run_launched(r, worker=worker, timeout=600) == 0
     events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert next(e for e in events if e["kind"] == "start")["world_size"] == 2
     losses = [e["loss"] for e in events if e["kind"] == "train"]
@@ -301,7 +301,7 @@ def test_rank_whose_micro_batch_lost_every_sample_stays_in_step_under_ddp(tiny_d
     common = ["train.max_steps=6", "train.micro_batch_size=1"]
     ref = train(recipe(tiny, half_text, tmp_path / "single", *common, "train.grad_accum=2"))
     r = recipe(tiny, half_text, tmp_path / "run", *common, "distributed.nproc=2", "distributed.strategy=ddp")
-    assert run_launched(r, worker=worker) == 0
+    assert run_launched(r, worker=worker, timeout=600) == 0
     events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     start = next(e for e in events if e["kind"] == "start")
     assert start["world_size"] == 2 and start["distributed"] == "MULTI_CPU"
@@ -332,7 +332,7 @@ def test_eval_loss_over_an_uneven_val_split_finishes_under_zero3(tiny_dir, prepa
     ref = train(recipe(tiny, prepared_text, tmp_path / "single", *common, "train.grad_accum=2"))
     r = recipe(tiny, prepared_text, tmp_path / "run", *common, "distributed.nproc=2",
                "distributed.strategy=deepspeed-zero3", f"distributed.deepspeed_config={tmp_path / 'zero3-all.json'}")
-    assert run_launched(r, worker=worker) == 0
+    assert run_launched(r, worker=worker, timeout=600) == 0
     events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     start = next(e for e in events if e["kind"] == "start")
     assert start["world_size"] == 2 and start["distributed"] == "DEEPSPEED"

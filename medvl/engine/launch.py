@@ -46,15 +46,26 @@ def write_launch_recipe(recipe) -> Path:
     return path
 
 
-def run_launched(recipe, resume: str | None = None, *, worker: str, env: dict | None = None) -> int:
+def run_launched(recipe, resume: str | None = None, *, worker: str, env: dict | None = None,
+                 timeout: float | None = None) -> int:
     """Start the worker processes (`python -m worker`, see the module docstring) and wait; returns the
-    launcher's exit code."""
+    launcher's exit code. `timeout` (tests): past it the launcher and every rank are killed and TimeoutError
+    raised, so ranks that wait on each other forever fail a test instead of hanging it."""
+    import signal
     import subprocess
 
     cmd = launch_command(recipe, write_launch_recipe(recipe), resume, worker=worker)
     full_env = dict(os.environ, **(env or {}))
     full_env.setdefault("OMP_NUM_THREADS", "1" if recipe.train.device == "cpu" else full_env.get("OMP_NUM_THREADS", "4"))
-    return subprocess.call(cmd, env=full_env)
+    if timeout is None:
+        return subprocess.call(cmd, env=full_env)
+    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True)  # its own group: the ranks die with it
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise TimeoutError(f"the launched run did not finish in {timeout:g} s (ranks out of step?)") from None
 
 
 def format_command(cmd: list[str]) -> str:

@@ -116,7 +116,7 @@ def train_case(ctx: dict, name: str, *extra: str, nproc: int = 1) -> dict:
     if nproc > 1:
         from medvl.engine.launch import run_launched
 
-        if run_launched(recipe) != 0:
+        if run_launched(recipe, worker="medvl.commands.worker") != 0:
             raise RuntimeError(f"the {nproc}-process run exited non-zero")
     else:
         train(recipe)
