@@ -339,3 +339,24 @@ def test_eval_loss_over_an_uneven_val_split_finishes_under_zero3(tiny_dir, prepa
     evals = [e for e in events if e["kind"] == "eval"]
     assert [e["step"] for e in evals] == [2] and ref.eval_losses[0][0] == 2
     assert evals[0]["eval_loss"] == pytest.approx(ref.eval_losses[0][1], abs=1e-4)
+
+
+def test_a_relative_local_base_is_recorded_absolute_so_the_run_loads_from_anywhere(tiny_dir, prepared_text, tmp_path,
+                                                                                     monkeypatch):
+    """A LoRA run trained with `model.base=models/x` (relative) used to write that relative path into
+    adapter_config.json and recipe.yaml: chat, eval, export and serve then failed from any other folder."""
+    import shutil
+
+    from medvl.engine.train import train
+    from medvl.resolve import resolve_model
+
+    shutil.copytree(tiny_dir("causal-lm"), tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)
+    r = recipe("models/base", prepared_text, "runs/lora", "method=lora", "train.max_steps=2")
+    train(r)
+    adapter = json.loads((tmp_path / "runs/lora/final/adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tmp_path / "models" / "base")
+    assert f"base: {tmp_path / 'models' / 'base'}" in (tmp_path / "runs/lora/recipe.yaml").read_text()
+    monkeypatch.chdir(tmp_path.parent)
+    src = resolve_model(tmp_path / "runs/lora")
+    assert src.kind == "lora" and src.base_dir == tmp_path / "models" / "base"

@@ -58,6 +58,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     from medvl.data.dataset import verify_recipe_data
 
     verify_recipe_data(recipe)  # unfinished or broken prepared data: refused before the model loads
+    _absolute_local_base(recipe)
     if recipe.eval.every and recipe.world_size > 1 and recipe.distributed.strategy in ("deepspeed-zero3", "fsdp"):
         raise MedvlError(f"benchmark evaluation during training (eval.every) is not supported with "
                          f"{recipe.distributed.strategy}: sharded weights would make every rank generate in lockstep",
@@ -318,6 +319,15 @@ class _Guard:
             self.sink.log({"kind": "warning", "step": step, "code": "rejected_samples",
                            "message": f"{n_rejected} sample(s) could not be encoded and were skipped",
                            "hint": "; ".join(f"{r.sample_id}: {r.message}" for r in rejected[:3])})
+
+
+def _absolute_local_base(recipe) -> None:
+    """A base model given as a relative folder is recorded absolute (recipe.yaml, medvl_run.json and a LoRA
+    adapter's base_model_name_or_path, which peft takes from the path the model was loaded from): the run's
+    adapter and checkpoints then load from any working directory (chat, eval, export, serve)."""
+    base = Path(recipe.model.base).expanduser()
+    if not base.is_absolute() and base.is_dir():
+        recipe.model.base = str(base.resolve())
 
 
 def save_final(accelerator, model, processor, recipe, out: Path, table) -> None:
