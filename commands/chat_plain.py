@@ -46,7 +46,8 @@ def run_plain(session, *, as_json: bool = False, stdin=None, stdout=None, stderr
     interactive = stdin.isatty()
     failed = False
     read_any = False  # a piped stdin without a single line asked nothing: exit 2, not a silent 0
-    names = [bot.source.path.name for bot in session.bots]
+    # as the app's columns: A / B, then the run's name ("final" would say nothing and could be the same twice)
+    names = [f"{'AB'[i]} {bot.source.name}" for i, bot in enumerate(session.bots)]
     while True:
         if interactive:
             stderr.write("you> ")

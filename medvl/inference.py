@@ -197,12 +197,17 @@ class Chatbot:
         return self._answer()
 
     def retry(self) -> Iterator[str]:
-        """Answer the last question again (sampling gives another answer; greedy the same one)."""
-        while self.turns and self.turns[-1].role == "assistant":
-            self.turns.pop()
-        if not self.turns:
+        """Answer the last question again (sampling gives another answer; greedy the same one), streamed like
+        `stream`: the old answer is replaced as the new one is read, so an unread retry changes nothing."""
+        if not any(t.role == "user" for t in self.turns):
             raise MedvlError("nothing to retry", fix="ask a question first")
-        return self._answer()
+
+        def again():
+            while self.turns and self.turns[-1].role == "assistant":
+                self.turns.pop()
+            yield from self._answer()
+
+        return again()
 
     def set_window(self, window) -> int:
         """Re-window every DICOM image of the conversation; the cache is dropped (the pixels changed)."""

@@ -98,7 +98,8 @@ def test_plain_loop_in_process_compare_and_commands(tiny_dir, png, tmp_path):
     rc = run_plain(ChatSession(bots), stdin=script, stdout=out, stderr=err)
     lines = out.getvalue().splitlines()
     assert rc == 2 and "unknown command /bogus" in err.getvalue()
-    assert [ln.split("]")[0] for ln in lines] == [f"[{tiny_dir('qwen2.5-vl').name}", f"[{tiny_dir('qwen3-vl').name}"]
+    # A / B as in the app's columns: the two models' folders are both called "model" here
+    assert [ln.split("]")[0] for ln in lines] == [f"[A {bots[0].source.name}", f"[B {bots[1].source.name}"]
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2  # one record per model
 
 
