@@ -116,8 +116,26 @@ def interrupt_hint(argv: list[str]) -> str | None:
                 skip = True
             elif not a.startswith("--resume=") and a != "--dry-run":
                 args.append(a)
+        from medvl.commands.ui import interrupt_context
+
+        run_dir = interrupt_context.get("run_dir")
+        if run_dir is not None and not _has_checkpoint(run_dir):
+            every = interrupt_context.get("save_every")
+            return (f"no checkpoint was saved yet (train.save_every={every}), so there is nothing to resume: start "
+                    "over with: medvl " + " ".join(shlex.quote(a) for a in args) + " output.overwrite=true")
         return hint.format(resume="medvl " + " ".join(shlex.quote(a) for a in args) + " --resume auto")
     return hint
+
+
+def _has_checkpoint(run_dir) -> bool:
+    from pathlib import Path
+
+    from medvl.checkpoint_files import list_checkpoints
+
+    try:
+        return bool(list_checkpoints(Path(run_dir)))
+    except OSError:
+        return True  # cannot tell: the usual hint
 
 
 def main() -> None:

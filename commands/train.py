@@ -39,6 +39,9 @@ def train(
     from medvl.commands.worker import MODULE as worker
 
     r = load_recipe(recipe, overrides or [])
+    from medvl.commands.ui import interrupt_context
+
+    interrupt_context.update(run_dir=r.output.dir, save_every=r.train.save_every)  # for the Ctrl-C hint
     if dry_run:
         from medvl.commands.ui import render_dry_run
         from medvl.engine.dryrun import plan_run

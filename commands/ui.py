@@ -22,6 +22,8 @@ def _console(stderr: bool = False) -> Console:
 
 console = _console()
 err_console = _console(stderr=True)
+# What a command knows that the Ctrl-C message needs (train: its run directory and save interval).
+interrupt_context: dict = {}
 
 
 def print_error(exc) -> None:

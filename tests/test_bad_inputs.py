@@ -556,7 +556,7 @@ def test_ctrl_c_in_train_says_interrupted_and_how_to_resume(world, tmp_path):
     argv = ["train", "tiny_cpu", f"model.base={world['lm']}", f"data.train=[{world['data']}]", f"output.dir={out}",
             "train.max_steps=100000", "train.save_every=5", "train.eval_every=null", "data.val_fraction=null",
             "train.log_every=1"]
-    code, text = _interrupt_after(argv, "step 3/", tmp_path)
+    code, text = _interrupt_after(argv, "step 7/", tmp_path)  # after the step-5 checkpoint
     assert code == 130 and "Traceback" not in text
     assert "interrupted" in text and "--resume auto" in text and f"output.dir={out}" in _flat(text)
 
@@ -580,3 +580,13 @@ def test_interrupt_hint_keeps_the_command_and_asks_for_auto():
     hint = interrupt_hint(["train", "my run.yaml", "optim.lr=1e-5", "--resume", "runs/x/checkpoints/step-000004"])
     assert hint.endswith("medvl train 'my run.yaml' optim.lr=1e-5 --resume auto")
     assert interrupt_hint(["doctor"]) is None
+
+
+def test_interrupt_hint_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch):
+    from medvl.commands import ui
+    from medvl.commands.main import interrupt_hint
+
+    monkeypatch.setattr(ui, "interrupt_context", {"run_dir": str(tmp_path / "run"), "save_every": 100})
+    hint = interrupt_hint(["train", "tiny_cpu", f"output.dir={tmp_path / 'run'}"])
+    assert "no checkpoint was saved yet (train.save_every=100)" in hint and "--resume auto" not in hint
+    assert hint.endswith("output.overwrite=true")
