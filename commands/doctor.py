@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from medvl.commands.options import JsonOpt
-from medvl.commands.ui import console, err_console
+from medvl.commands.ui import console, err_console, print_table
 
 EXAMPLES = """[bold]Examples[/]
   [cyan]medvl doctor[/]                             what this box has and what it enables
@@ -79,6 +79,6 @@ def doctor(
         table.add_column("enables / to do", ratio=3)
         for c in report.checks:
             table.add_row(c.name, Text(c.status, style=_STYLE[c.status]), c.detail, c.advice)
-        console.print(table)
+        print_table(table)
         console.print(Text.assemble(("overall: ", "bold"), (report.verdict, "green" if report.ok else "bold red")))
     raise typer.Exit(0 if report.ok else 1)

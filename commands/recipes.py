@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from medvl.commands.options import OverridesArg, RecipeArg
-from medvl.commands.ui import console
+from medvl.commands.ui import console, print_table
 
 EXAMPLES = """\
 [bold]Examples[/]
@@ -34,7 +34,7 @@ def list_recipes() -> None:
     table.add_column("purpose")
     for name, purpose in shipped_recipes():
         table.add_row(name, purpose)
-    console.print(table)
+    print_table(table)
 
 
 @app.command("show", epilog=EXAMPLES)
@@ -70,6 +70,6 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     table.add_column()
     for label, line in recipe_summary(loaded):
         table.add_row(label, line)
-    console.print(table)
+    print_table(table)
     for warning in recipe_warnings(loaded):
         console.print(f"[yellow]warning[/] {warning}")

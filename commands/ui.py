@@ -5,6 +5,7 @@ Only rich is imported here (cheap); commands import this, never the library's he
 
 from __future__ import annotations
 
+import sys
 
 from rich.console import Console
 
@@ -24,6 +25,18 @@ console = _console()
 err_console = _console(stderr=True)
 # What a command knows that the Ctrl-C message needs (train: its run directory and save interval).
 interrupt_context: dict = {}
+
+
+def print_table(table) -> None:
+    """A table on stdout; off a terminal at the width of its content, without rich's trailing padding (a log
+    file or `| grep` gets lines as long as they need, no more)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    table.expand = False
+    with console.capture() as cap:
+        console.print(table)
+    sys.stdout.write("\n".join(line.rstrip() for line in cap.get().splitlines()) + "\n")
 
 
 def print_error(exc) -> None:

@@ -121,6 +121,7 @@ def test_cli_list_names_every_recipe(run):
     assert result.exit_code == 0, result.output
     for name in SHIPPED:
         assert name[: -len(".yaml")] in result.output
+    assert not [line for line in result.output.splitlines() if line.endswith(" ")]  # no padding in a pipe
 
 
 def test_cli_show_prints_the_yaml(run, tmp_path):
