@@ -48,12 +48,11 @@ def chat(
     as_json: bool = typer.Option(False, "--json", help="Plain mode, one JSON object per answer."),
 ) -> None:
     """Chat with a model about your images, turn by turn, streamed; --compare puts two models side by side."""
-    from rich.console import Console
-
     from medvl.inference import GenerationOptions
     from medvl.resolve import default_model, resolve_device, resolve_dtype, resolve_model
 
-    err = Console(stderr=True, highlight=False)
+    from medvl.commands.ui import err_console as err  # off a terminal: lines never folded at 80 columns
+
     if model is None:
         model, why = default_model()
         err.print(f"model: {model} [dim]({why}; pass MODEL to choose another)[/]")

@@ -42,13 +42,12 @@ def serve(
                                show_default=False),
 ) -> None:
     """Serve a model over HTTP with the OpenAI chat-completions API: text and images, streaming, batched."""
-    from rich.console import Console
-
     from medvl.commands.chat import quiet_loading
     from medvl.server import ServeSettings, serve as run
     from medvl.server.protocol import Limits
 
-    err = Console(stderr=True, highlight=False)
+    from medvl.commands.ui import err_console as err  # off a terminal: lines never folded at 80 columns
+
     settings = ServeSettings(model, adapter, host, port, api_key, insecure_no_key, name, list(image_root or []),
                              dtype, device, system, max_batch,
                              Limits(max_images=max_images, max_new_tokens=max_tokens, timeout_s=timeout))
