@@ -144,9 +144,10 @@ class TrainConsole:
                 self.console.print(f"[bold]resumed[/] at step {event.start_step} from {event.resumed_from}")
             else:
                 self._print_table(event.table)
-            self.console.print(f"[bold]run[/] {event.run_dir}  family {event.family}  {event.world_size} process(es), "
-                               f"{event.distributed}, {event.device}  global batch {event.global_batch}  "
-                               f"steps {event.start_step}->{event.total_steps}")
+            procs = ("1 process" if event.distributed in (None, "NO") and event.world_size == 1
+                     else f"{event.world_size} processes ({event.distributed})")  # NO: accelerate's "not distributed"
+            self.console.print(f"[bold]run[/] {event.run_dir}  family {event.family}  {procs}, {event.device}  "
+                               f"global batch {event.global_batch}  steps {event.start_step}->{event.total_steps}")
             if event.packing:
                 self.console.print(f"[dim]{event.packing}[/]")
             if self.console.is_terminal and self.live is None:

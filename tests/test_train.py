@@ -101,7 +101,11 @@ def test_cli_dry_run_prints_the_plan_and_trains_nothing(tiny_dir, prepared_vqa, 
     assert "launch in this process (one process)" in res.output
     assert "memory per GPU (estimate)" in res.output and "total per GPU (est.)" in res.output
     assert all(group in res.output for group in ("vision", "projector", "language"))
+    assert "the run would stop here" not in res.output
     assert not out.exists()  # a dry run writes nothing
+    typo = CliRunner().invoke(app, [a if not a.startswith("data.train=") else f"data.train=[{tmp_path / 'dta'}]"
+                                    for a in args], env={"COLUMNS": "400"})
+    assert typo.exit_code == 0 and "the run would stop here: prepared data" in typo.output  # a typo shows now
     res = CliRunner().invoke(app, [*args, "distributed.nproc=2", "distributed.strategy=ddp"],
                              env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output

@@ -109,7 +109,22 @@ def plan_run(recipe, *, worker: str) -> DryRun:
     if recipe.world_size > 1 or needs_launch(recipe):
         launch = launch_command(recipe, Path(recipe.output.dir) / "launch-recipe.yaml", worker=worker)
     memory = estimate_memory(recipe, table, config)
-    return DryRun(family.name, recipe_to_yaml(recipe), launch, table, memory, notes=[note] if note else [])
+    notes = [note] if note else []
+    notes += data_problems(recipe)
+    return DryRun(family.name, recipe_to_yaml(recipe), launch, table, memory, notes=notes)
+
+
+def data_problems(recipe) -> list[str]:
+    """What the real run would refuse about the recipe's prepared data, as notes: the dry run plans without data
+    (a job script is often checked before the data is in place), but a typo in data.train should show now."""
+    from medvl.data.dataset import verify_recipe_data
+    from medvl.errors import MedvlError
+
+    try:
+        verify_recipe_data(recipe)
+    except MedvlError as exc:
+        return [f"the run would stop here: {exc.what}" + (f" (fix: {exc.fix})" if exc.fix else "")]
+    return []
 
 
 def estimate_memory(recipe, table: list[dict], config) -> dict:
