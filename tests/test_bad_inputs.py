@@ -25,6 +25,10 @@ from pathlib import Path
 
 import pytest
 
+# ~120 console-script runs in parallel (1.5-2.5 min on the 2-core machine): part of `make test`, not of the
+# edit loop's `make test-fast`.
+pytestmark = pytest.mark.slow
+
 MEDVL = str(Path(sys.executable).parent / "medvl")
 ENV = dict({k: v for k, v in os.environ.items() if k not in ("MEDVL_MODEL", "MEDVL_API_KEY")},  # chat, serve
            HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", COLUMNS="400", TOKENIZERS_PARALLELISM="false")
