@@ -319,13 +319,15 @@ def render_prepare(result) -> None:
 
 
 def _render_files(result) -> None:
-    """Folder entries not read (grouped by reason), then every file-level failure, then the verdict."""
+    """Folder entries not read (grouped by reason), file warnings, every file-level failure, then the verdict."""
     from collections import Counter
 
     reasons = Counter(s["reason"] for s in result.skipped_files)
     for reason, n in reasons.items():
         first = next(s["path"] for s in result.skipped_files if s["reason"] == reason)
         console.print(f"[dim]skipped {n} file(s) ({first}{', ...' if n > 1 else ''}): {reason}[/]")
+    for warning in result.manifest.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
     for f in result.failed_files:
         console.print(f"[red]file failed:[/] {f['error']}")
     if result.failed_files:

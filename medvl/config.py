@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import shlex
 import types
 from importlib import resources
 from pathlib import Path
@@ -383,13 +384,22 @@ _SECTIONS = {name: f.annotation for name, f in Recipe.model_fields.items()
 class RecipeError(MedvlError):
     """A recipe with one or more problems; `problems` keeps them for callers and tests."""
 
-    def __init__(self, source: str, problems: list[Problem]):
+    def __init__(self, source: str, problems: list[Problem], overrides: list[str] | tuple[str, ...] = ()):
         self.source = source
         self.problems = problems
         n = len(problems)
         lines = "\n".join(f"  {p}" for p in problems)
+        # The check-again command repeats the overrides: without them it validates a different recipe.
+        again = shlex.join(["medvl", "recipes", "validate", source, *overrides])
+        in_overrides = sum(p.override is not None for p in problems)
+        if in_overrides == n:
+            what = "fix the overrides above (command line)"
+        elif in_overrides:
+            what = f"edit the keys above in {source} and fix the overrides marked [override ...] (command line)"
+        else:
+            what = f"edit the keys above in {source}"
         super().__init__(f"recipe {source}: {n} problem{'s' if n != 1 else ''}\n{lines}", where=source,
-                         fix=f"edit the keys above, then check again: medvl recipes validate {source}")
+                         fix=f"{what}, then check again: {again}")
 
 
 def _shipped_dir():
@@ -463,7 +473,7 @@ def load_recipe(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
         placed = [place(p, lines, origins) for p in problems]
         # File order reads best; override problems (no line) go last.
         placed.sort(key=lambda p: (p.line is None, p.line or 0))
-        raise RecipeError(source, placed)
+        raise RecipeError(source, placed, overrides)
     recipe._source, recipe._overrides = source, tuple(overrides)
     return recipe
 

@@ -288,6 +288,19 @@ def test_override_of_unknown_key_is_reported_like_a_yaml_key(tmp_path):
     assert "[override optim.lrr=1e-5]" in str(err)
 
 
+def test_fix_names_the_overrides_when_they_are_the_mistakes(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    err = problems_of(path, ["optim.lr=abc", "trian.max_steps=3"])
+    assert err.fix == (f"fix the overrides above (command line), then check again: "
+                       f"medvl recipes validate {path} optim.lr=abc trian.max_steps=3")
+    both = problems_of(write(tmp_path, MINIMAL + "train:\n  max_stepz: 3\n", "both.yaml"), ["optim.lr=abc"])
+    assert both.fix.startswith(f"edit the keys above in {tmp_path / 'both.yaml'} and fix the overrides")
+    assert both.fix.endswith("optim.lr=abc")
+    only_file = problems_of(write(tmp_path, MINIMAL + "train:\n  max_stepz: 3\n", "file.yaml"))
+    assert only_file.fix == (f"edit the keys above in {tmp_path / 'file.yaml'}, then check again: "
+                             f"medvl recipes validate {tmp_path / 'file.yaml'}")
+
+
 def test_malformed_overrides(tmp_path):
     err = problems_of(write(tmp_path, MINIMAL), ["optim.lr", "model.base.x=1", "a..b=1"])
     messages = [str(p) for p in err.problems]

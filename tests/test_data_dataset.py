@@ -73,6 +73,22 @@ def test_interrupted_prepare_no_manifest_is_refused(prepared):
     _refused(prepared, "incomplete: no manifest.json", "run the same prepare-data command again")
 
 
+def test_raw_data_given_as_prepared_data_suggests_a_new_output_folder(tmp_path):
+    from medvl.data.dataset import verify_prepared
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "llava.json").write_text("[]")
+    with pytest.raises(MedvlError, match="is a file") as info:
+        verify_prepared(raw / "llava.json")
+    fix = info.value.fix
+    assert f"`medvl prepare-data {raw / 'llava.json'} --out {raw / 'llava'}`" in fix  # never --out the raw file
+    assert "--out " + str(raw / "llava.json") not in fix
+    assert "data.train in the recipe, or `medvl inspect-data" in fix  # fits both train and inspect-data
+    with pytest.raises(MedvlError, match="no prepared data") as info:
+        verify_prepared(raw)  # a folder of raw data: prepared next to it, not into it
+    assert f"--out {tmp_path / 'raw-prepared'}`" in info.value.fix
+
+
 def test_missing_or_extra_shard_is_refused(prepared, tmp_path):
     moved = tmp_path / "moved.jsonl"
     (prepared / "data-00001.jsonl").rename(moved)

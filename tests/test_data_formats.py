@@ -210,6 +210,34 @@ def test_llm_finetune_csv_rows(tmp_path):
     assert plain.messages[0].content == "<image>"
 
 
+def test_auto_detected_csv_with_an_image_column_it_does_not_read_is_refused(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer,path\nWhat is shown?,A lung,a.png\n", encoding="utf-8")
+    with pytest.raises(MedvlError, match="'path' looks like image paths") as info:
+        list(read_file(path))  # detected as medeval, which would keep the question and drop its image
+    assert info.value.fix == "read the file by column: --columns user=question,assistant=answer,image=path"
+    by_value = tmp_path / "by_value.csv"  # the column name says nothing; its values are image files
+    by_value.write_text("question,answer,x\nWhat is shown?,A lung,scans/a.DCM\n", encoding="utf-8")
+    with pytest.raises(MedvlError, match="'x' looks like image paths"):
+        list(read_file(by_value))
+    (rec,) = read_file(path, options=ReadOptions(columns=(("user", "question"), ("assistant", "answer"),
+                                                          ("image", "path"))))
+    assert rec.images == ["a.png"]  # the fix the error gives reads the images
+
+
+def test_auto_detected_csv_notes_other_unused_columns(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer,note,id\nWhat is shown?,A lung,hello,7\n", encoding="utf-8")
+    notes = []
+    (rec,) = read_file(path, notes=notes)
+    assert rec.id == "qa:7" and rec.images == []
+    assert notes == [f"{path}: column(s) 'note' are not read (the file was detected as the medeval format) and "
+                     "are ignored; to use them, read the file by column: --columns user=question,assistant=answer"]
+    notes = []
+    list(read_file(path, "medeval", notes=notes))  # a format given by name is what the user asked for
+    assert notes == []
+
+
 def _data_url(color):
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), color).save(buf, "PNG")

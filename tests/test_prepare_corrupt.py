@@ -121,6 +121,21 @@ def test_csv_column_mapping_and_fields_over_the_default_limit(raw, tmp_path):
     assert not (tmp_path / "wrong").exists() and not (tmp_path / "bad").exists()
 
 
+def test_auto_detected_csv_unused_columns_warned_or_refused(raw, tmp_path):
+    (raw / "notes.csv").write_text("question,answer,note\nWhat organ?,Lung.,checked\n")
+    (raw / "qa.csv").write_text("question,answer,path\nWhat organ?,Lung.,images/0.png\n")
+    res = _cli("prepare-data", raw / "notes.csv", raw / "qa.csv", "--out", tmp_path / "out")
+    assert res.exit_code == 2
+    assert "warning:" in res.output and "'note' are not read" in res.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (warning,) = manifest["warnings"]
+    assert warning.startswith(f"{raw / 'notes.csv'}: column(s) 'note' are not read")
+    files = {Path(f["path"]).name: f for f in manifest["files"]}
+    assert files["notes.csv"]["kept"] == 1 and files["notes.csv"]["warnings"] == [warning]
+    assert files["qa.csv"]["kept"] == 0 and "'path' looks like image paths" in files["qa.csv"]["error"]
+    assert "--columns user=question,assistant=answer,image=path" in files["qa.csv"]["error"]
+
+
 def test_one_unreadable_file_fails_alone_and_the_run_finishes(raw, tmp_path):
     good = [{"id": i, "image": f"images/{i}.png", "conversations": _pair()} for i in range(3)]
     (raw / "good.json").write_text(json.dumps(good))

@@ -62,21 +62,34 @@ def _fail(what: str, where: str | Path, fix: str | None = None) -> MedvlError:
                                                          "--overwrite to re-create it")
 
 
+def _prepare_fix(d: Path) -> str:
+    """How to get prepared data where `d` is not; worded for train (data.train / data.val) and inspect-data alike."""
+    if d.is_file() or (d.is_dir() and any(d.iterdir())):
+        # Raw data given where prepared data belongs: prepare it into a new folder named after it, next to it
+        # (raw/llava.json -> raw/llava; raw/ -> raw-prepared), never into the raw data itself.
+        out = d.with_name(d.stem) if d.is_file() else d.with_name(f"{d.name}-prepared")
+        if out.exists():
+            out = d.with_name(f"{d.stem}-prepared")
+        first = "prepare it" if d.is_file() else f"if {d} holds raw data, prepare it"
+        return (f"{first} first: `medvl prepare-data {d} --out {out}`, then use {out} (data.train in the recipe, "
+                f"or `medvl inspect-data {out} --model MODEL`)")
+    return (f"prepare the raw data first: `medvl prepare-data RAW_DATA --out {d}`, or give the folder prepare-data "
+            "wrote (data.train in the recipe, or the inspect-data argument)")
+
+
 def verify_prepared(d: str | Path) -> dict:
     """The manifest of a complete prepared directory, or a MedvlError saying what is missing or wrong."""
     d = Path(d)
     if not d.is_dir():
-        raise MedvlError(f"prepared data {d} not found" if not d.exists() else f"{d} is a file, not a prepared-data "
-                         "folder", where=str(d), fix=f"run `medvl prepare-data RAW_DATA --out {d}` first, or fix "
-                                                     "data.train in the recipe")
+        raise MedvlError(f"prepared data {d} not found" if not d.exists() else f"{d} is a file (raw data?), not a "
+                         "prepared-data folder", where=str(d), fix=_prepare_fix(d))
     manifest_path = d / "manifest.json"
     if not manifest_path.is_file():
         if any(d.glob(SHARD_GLOB)) or (d / "prepare-state.json").exists():
             raise _fail("prepared data is incomplete: no manifest.json (prepare-data was interrupted or failed)",
                         d, "run the same prepare-data command again: it finishes the missing shards (a failed "
                            "run's leftovers are replaced)")
-        raise _fail(f"no prepared data in {d} (no manifest.json, no {SHARD_GLOB} files)", d,
-                    f"run `medvl prepare-data RAW_DATA --out {d}` first, or fix data.train in the recipe")
+        raise _fail(f"no prepared data in {d} (no manifest.json, no {SHARD_GLOB} files)", d, _prepare_fix(d))
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -32,6 +32,9 @@ Decisions:
   SHA-256 of their bytes (idempotent under re-runs and parallel workers); otherwise they are rejected with a
   reason. `file://` URLs become paths; http(s) URLs are rejected (download them first). An assistant message
   with `"weight": 0` (OpenAI fine-tuning) is kept as context with `train: false`.
+- A CSV whose format was detected from its first row (not `--format`, not `--columns`) and has columns that
+  format does not read: a warning naming them (`notes`), or a file-level error when one looks like images (name
+  has image/img/path/file, or the value ends in an image suffix): its questions would train without their images.
 - InternVL `repeat_time` follows InternVL's own loader, deterministically: below 1 keeps the first
   floor(N * r) samples; above 1 emits each sample floor(r) times, plus one more copy for the first
   floor(N * fraction) samples. Relative `root` and `annotation` paths resolve against the meta file's folder.
@@ -40,6 +43,7 @@ Decisions:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from itertools import chain
@@ -104,9 +108,10 @@ def _is_internvl_meta(obj: Any) -> bool:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def read_file(path: str | Path, format: str | None = None, *,
-              options: ReadOptions = ReadOptions()) -> Iterator[Record | Rejection]:
-    """Normalized records (or rejections) of every sample in one file, in file order."""
+def read_file(path: str | Path, format: str | None = None, *, options: ReadOptions = ReadOptions(),
+              notes: list[str] | None = None) -> Iterator[Record | Rejection]:
+    """Normalized records (or rejections) of every sample in one file, in file order. Warnings about the file as
+    a whole (columns of an auto-detected CSV that its format does not read) are appended to `notes`."""
     path = Path(path)
     if not path.is_file():
         raise MedvlError("data file not found", where=str(path))
@@ -132,6 +137,8 @@ def read_file(path: str | Path, format: str | None = None, *,
             held.append(item)
             if isinstance(item[2], dict):
                 fmt = detect_record_format(item[2], where=item[0])
+                if _container(path) == "csv":
+                    _check_unused_columns(item[2], fmt, path, notes)
                 break
         raws = chain(held, raws)
         if fmt is None:  # nothing but broken samples: report each of them
@@ -158,6 +165,41 @@ def normalize(raw: Any, fmt: str, *, location: str, index: int, source: str, ima
         return convert(raw, ctx)
     except _Reject as r:
         return Rejection(r.code, r.message, ctx.location, _record_id(raw.get("id", raw.get("_id")), ctx))
+
+
+# The CSV columns each auto-detectable format reads, and its (user, assistant, image) columns for the --columns fix.
+_CSV_READS = {"medeval": {"id", "question", "answer", "options", "image", "images", "dataset", "subset",
+                          "question_type"},
+              "alpaca": {"id", "instruction", "input", "output", "system", "history"},
+              "llm-finetune": {"id", "image_path", "caption"}}
+_CSV_ROLES = {"medeval": ("question", "answer", "image"), "alpaca": ("instruction", "output", None),
+              "llm-finetune": ("COLUMN", "caption", "image_path")}
+_IMAGE_NAME = re.compile(r"image|img|path|file", re.I)
+
+
+def _check_unused_columns(row: dict, fmt: str, path: Path, notes: list[str] | None) -> None:
+    """Columns of an auto-detected CSV that its format does not read: noted, or the file refused when one looks
+    like the images (name or value), since training on the questions without their images is silently wrong."""
+    from medvl.data.images import IMAGE_SUFFIXES
+
+    reads = _CSV_READS.get(fmt, set())
+    unused = [c for c in row if c and c not in reads]  # None / "": values past the header, blank header cells
+    if fmt not in _CSV_READS or not unused:
+        return
+    images = [c for c in unused if _IMAGE_NAME.search(c) or isinstance(row[c], str)
+              and row[c].strip().lower().endswith(IMAGE_SUFFIXES)]
+    user, assistant, image = _CSV_ROLES[fmt]
+    image = images[0] if images else image if image and image in row else None
+    mapping = f"--columns user={user},assistant={assistant}" + (f",image={image}" if image else "")
+    names = ", ".join(repr(c) for c in unused)
+    if images:
+        verb = "looks" if len(images) == 1 else "look"
+        raise MedvlError(f"read as the {fmt} format, whose reader does not use the column(s) {names}; "
+                         f"{', '.join(map(repr, images))} {verb} like image paths, and training on the text "
+                         "without its images is wrong", where=str(path), fix=f"read the file by column: {mapping}")
+    if notes is not None:
+        notes.append(f"{path}: column(s) {names} are not read (the file was detected as the {fmt} format) and are "
+                     f"ignored; to use them, read the file by column: {mapping}")
 
 
 def _check_columns(raws, options: ReadOptions, path: Path):

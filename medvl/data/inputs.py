@@ -51,10 +51,12 @@ class FileReport:
     path: str
     samples: int = 0
     error: str | None = None  # a file-level failure, for a person
+    warnings: list[str] = field(default_factory=list)  # read, but maybe not as meant (unused CSV columns)
     sources: set[str] = field(default_factory=set)  # dataset names its records carry (InternVL: the meta keys)
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "samples": self.samples, "error": self.error, "sources": sorted(self.sources)}
+        return {"path": self.path, "samples": self.samples, "error": self.error, "warnings": list(self.warnings),
+                "sources": sorted(self.sources)}
 
 
 def expand_inputs(paths) -> tuple[list[InputFile], list[Skipped]]:
@@ -140,7 +142,7 @@ def read_inputs(files: list[InputFile], fmt: str | None, options: ReadOptions, r
         try:
             if os.path.getsize(f.path) == 0:
                 raise MedvlError("the file is empty (0 bytes)", where=f.path)
-            for item in read_file(f.path, fmt, options=replace(options, source=f.source)):
+            for item in read_file(f.path, fmt, options=replace(options, source=f.source), notes=report.warnings):
                 report.samples += 1
                 if isinstance(item, Record):
                     report.sources.add(item.source)
@@ -152,6 +154,7 @@ def read_inputs(files: list[InputFile], fmt: str | None, options: ReadOptions, r
                 raise
             if isinstance(e, MedvlError):
                 what = e.what + (f" (at {e.where})" if e.where and e.where != f.path else "")
+                what += f" (fix: {e.fix})" if e.fix else ""
             else:
                 what = f"cannot read the file: {e.strerror or e}"
             kept = f"; the {report.samples} sample(s) before the failure are kept" if report.samples else ""

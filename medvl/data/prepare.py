@@ -393,7 +393,8 @@ def _finish(out: Path, settings: Settings, skipped: int, progress, reports: list
         # the folders training may open images in (paths.py root rule, re-checked when the data is loaded)
         "image_roots": sorted(image_roots),
         # a folder of 100k images beside the JSON must not make a 10 MB manifest: the first 200, and the count
-        "files": files, "skipped_files": [asdict(x) for x in skipped_files[:200]],
+        "files": files, "warnings": [w for f in files for w in f["warnings"]],
+        "skipped_files": [asdict(x) for x in skipped_files[:200]],
         "skipped_files_total": len(skipped_files),
     }
     tmp = out / ".manifest.json.tmp"
