@@ -209,3 +209,26 @@ def test_a_long_run_opens_quickly_then_gets_its_complete_history(tmp_path, monke
             assert log_text.count("step-006000") == 1  # the swap re-wrote the log, no duplicates
 
     asyncio.run(scenario())
+
+
+def test_smoothing_keys_stop_at_the_ends_and_say_the_value(tmp_path):
+    t = Trainer(tmp_path / "run", steps=10, delay=0)
+    t.go.set()
+    t.write()
+
+    async def scenario():
+        app = Dashboard([tmp_path / "run"], poll_s=0.05, smoothing=0.95)
+        async with app.run_test(size=(100, 30)) as pilot:
+            chart = app.query_one(MetricChart)
+            await pilot.press("s")
+            assert app.smoothing == 0.99 and "smoothing 0.99" in chart.title_text
+            await pilot.press("s")  # already the most: stays (it used to wrap to 0)
+            assert app.smoothing == 0.99
+            messages = [n.message for n in app._notifications]
+            assert messages[-1] == "smoothing 0.99  (the most)"
+            for _ in range(8):
+                await pilot.press("S")
+            assert app.smoothing == 0.0  # stops at none (it used to wrap to 0.99)
+            assert [n.message for n in app._notifications][-1] == "smoothing 0  (none: raw values)"
+
+    asyncio.run(scenario())

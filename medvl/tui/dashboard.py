@@ -5,7 +5,7 @@ to a run that is going, finished, crashed or not started yet, from any terminal,
 the run. With `medvl train --tui` it also holds the background training process (medvl.engine.background):
 closing then asks whether to stop training or leave it running, and says how to re-attach.
 
-Keys: m / M next / previous metric (or 1-9), l log scale, s / S more / less smoothing, z zoom to the last N
+Keys: m / M next / previous metric (or 1-9), l log scale, s / S more / less smoothing (0 to 0.99), z zoom to the last N
 steps, p save the charts as a PNG next to the run, ctrl+s save this screen as an SVG next to the run, q quit.
 """
 
@@ -195,8 +195,13 @@ class Dashboard(App[str]):
         self.redraw_chart()
 
     def action_smoothing(self, delta: int) -> None:
+        """s / S: one step more / less, stopping at 0.99 and at 0 (a wrap from heaviest to raw reads as a bug)."""
         i = min(range(len(SMOOTHING)), key=lambda k: abs(SMOOTHING[k] - self.smoothing))
-        self.smoothing = SMOOTHING[(i + delta) % len(SMOOTHING)]
+        j = max(0, min(len(SMOOTHING) - 1, i + delta))
+        self.smoothing = SMOOTHING[j]
+        end = "  (the most)" if j == len(SMOOTHING) - 1 else "  (none: raw values)" if j == 0 else ""
+        applies = "" if self.metric.smoothed else f"; {self.metric.title} is drawn unsmoothed"
+        self.notify(f"smoothing {self.smoothing:g}{end}{applies}", timeout=2)
         self.redraw_chart()
 
     def action_zoom(self) -> None:
