@@ -232,3 +232,33 @@ def test_smoothing_keys_stop_at_the_ends_and_say_the_value(tmp_path):
             assert [n.message for n in app._notifications][-1] == "smoothing 0  (none: raw values)"
 
     asyncio.run(scenario())
+
+
+def _jsonl(run, lines):
+    import json
+
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_the_event_log_merges_runs_in_time_order(tmp_path):
+    t0 = 1_700_000_000.0
+    for name, offset in (("a", 0.0), ("b", 5.0)):  # b's events fall between a's
+        _jsonl(tmp_path / name, [
+            {"time": t0 + offset, "kind": "start", "total_steps": 20, "world_size": 1},
+            *[{"time": t0 + offset + s, "kind": "train", "step": s, "loss": 1.0} for s in range(1, 21)],
+            {"time": t0 + offset + 10, "kind": "eval", "step": 10, "eval_loss": 1.5},
+            {"time": t0 + offset + 20, "kind": "eval", "step": 20, "eval_loss": 1.25},
+        ])
+
+    async def scenario():
+        app = Dashboard([tmp_path / "a", tmp_path / "b"], poll_s=0.05)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.5)
+            lines = [str(line.text) for line in app.query_one(EventLog).lines]
+            tagged = [(ln.split()[1], "start" if "started" in ln else ln.split("eval loss ")[-1])
+                      for ln in lines if "started" in ln or "eval loss" in ln]
+            assert tagged == [("a", "start"), ("b", "start"), ("a", "1.5000"), ("b", "1.5000"),
+                              ("a", "1.2500"), ("b", "1.2500")], lines
+
+    asyncio.run(scenario())

@@ -198,15 +198,23 @@ class EventLog(RichLog):
         self._shown = {}
 
     def show(self, runs: list[RunHistory]) -> None:
-        for i, (h, label) in enumerate(zip(runs, run_labels(runs))):
+        """Write what is new since the last call, all runs merged in time order (a log is read as one timeline;
+        lines already written stay, so a late event of a slow-polled run lands at the bottom, not back in time)."""
+        new_events = []  # (time, run, position, event)
+        labels = run_labels(runs)
+        for i, h in enumerate(runs):
             seen = self._shown.get(i, 0)
             if seen > h.events_total:
                 seen = 0  # the history was reset (a new run in the same directory)
             new = min(h.events_total - seen, len(h.events))
-            for e in list(h.events)[len(h.events) - new:]:
-                line = describe(e)
-                if line:
-                    stamp = time.strftime("%H:%M:%S", time.localtime(e.time)) if e.time else "--:--:--"
-                    tag = f"[{colour(i, rich=True)}]{label}[/] " if len(runs) > 1 else ""
-                    self.write(Text.from_markup(f"[dim]{stamp}[/] {tag}{line}"))
+            last_time = 0.0  # an event without a time keeps its place after its run's previous one
+            for k, e in enumerate(list(h.events)[len(h.events) - new:]):
+                last_time = e.time or last_time
+                new_events.append((last_time, i, k, e))
             self._shown[i] = h.events_total
+        for _, i, _, e in sorted(new_events, key=lambda t: t[:3]):
+            line = describe(e)
+            if line:
+                stamp = time.strftime("%H:%M:%S", time.localtime(e.time)) if e.time else "--:--:--"
+                tag = f"[{colour(i, rich=True)}]{labels[i]}[/] " if len(runs) > 1 else ""
+                self.write(Text.from_markup(f"[dim]{stamp}[/] {tag}{line}"))
