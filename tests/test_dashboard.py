@@ -130,7 +130,7 @@ def test_two_runs_are_overlaid_with_a_legend(tmp_path):
 class FakeTrainer:
     """Stands in for medvl.engine.background.BackgroundRun (the real one is tested in test_dashboard_train.py)."""
 
-    pid, log_path = 4242, "/tmp/medvl-train-x.log"
+    pid, log_path = 4242, "/runs/x/train.log"
 
     def __init__(self):
         self.code, self.stopped = None, False
@@ -151,6 +151,8 @@ def test_closing_while_training_asks_and_says_how_to_reattach(tmp_path, choice):
     async def scenario():
         app = Dashboard([tmp_path / "run"], trainer=FakeTrainer(), poll_s=0.05)
         async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.1)
+            assert "its output: /runs/x/train.log" in str(app.header.render())  # where to read the trainer
             await pilot.press("q")
             await pilot.pause(0.1)
             assert isinstance(app.screen, QuitScreen)

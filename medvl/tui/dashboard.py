@@ -162,8 +162,8 @@ class Dashboard(App[str]):
         if self.trainer is None:
             return ""
         if self._trainer_code is None:
-            return f"training in the background: pid {self.trainer.pid}, output {self.trainer.log_path}"
-        return f"training process ended with exit code {self._trainer_code}; output {self.trainer.log_path}"
+            return f"training in the background (pid {self.trainer.pid}); its output: {self.trainer.log_path}"
+        return f"training process ended with exit code {self._trainer_code}; its output: {self.trainer.log_path}"
 
     def _trainer_ended(self, code: int) -> None:
         if isinstance(self.screen, QuitScreen):  # the user was leaving anyway; the question is moot now
@@ -276,7 +276,7 @@ def dashboard_for_training(recipe: str, overrides: list[str], resume: str | None
     # Without --resume the directory may still hold the previous run's metrics.jsonl until the new run
     # replaces it: the dashboard notes that file before training starts and shows "waiting" until it changes.
     app = Dashboard([run_dir], ignore_existing=not resume, **kwargs)
-    app.trainer = BackgroundRun(recipe, overrides, resume)
+    app.trainer = BackgroundRun(recipe, overrides, resume, run_dir=run_dir)
     return app
 
 
