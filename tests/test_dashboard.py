@@ -264,3 +264,32 @@ def test_the_event_log_merges_runs_in_time_order(tmp_path):
                               ("a", "1.2500"), ("b", "1.2500")], lines
 
     asyncio.run(scenario())
+
+
+def test_three_runs_fit_80_columns(tmp_path):
+    from medvl.tui.dashboard_widgets import ChartLegend
+
+    names = ["lr1e-3", "lr3e-3", "lr1e-4-with-a-long-name"]
+    for k, name in enumerate(names):
+        _jsonl(tmp_path / name, [
+            {"time": 1.0e9 + k, "kind": "start", "total_steps": 200, "world_size": 1, "recipe": "tiny_cpu",
+             "model": "qwen2.5-vl-tiny", "method": "lora", "trainable_params": 16384},
+            *[{"time": 1.0e9 + k + s, "kind": "train", "step": s, "total_steps": 200, "loss": 5.0 / s,
+               "epoch": s / 50} for s in range(1, 121)]])
+
+    async def scenario():
+        app = Dashboard([tmp_path / n for n in names], poll_s=0.05)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.5)
+            assert app.header.size.height == 3  # one line per run, cut rather than wrapped
+            header = [str(app.header.render_line(y).text) for y in range(3)]
+            assert [ln.split()[1] for ln in header] == names and all(ln.rstrip().endswith("…") for ln in header)
+            bars = [str(b.query_one(".progress-run").render()).strip() for b in app.query(RunProgress)]
+            assert bars == [f"● {n}" for n in names[:2]] + ["● lr1e-4-with-a-long-name"]
+            assert all(b.region.height == 1 for b in app.query(RunProgress))
+            legend = app.query_one(ChartLegend)
+            assert legend.display and all(n in str(legend.render()) for n in names)
+            assert legend.region.y > app.chart.region.y + app.chart.region.height - 1  # under the plot, not on it
+            assert app.chart.region.height >= 8 and "training loss" in app.chart.title_text
+
+    asyncio.run(scenario())

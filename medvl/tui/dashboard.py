@@ -24,8 +24,9 @@ from textual.widgets import Button, Footer, Label
 
 from medvl.engine.curves import METRICS
 from medvl.engine.history import RunHistory
-from medvl.tui.dashboard_widgets import (CheckpointTable, EventLog, MetricChart, RunHeader, RunProgress,
-                                         ValuesPanel)
+from medvl.engine.curves import run_labels
+from medvl.tui.dashboard_widgets import (ChartLegend, CheckpointTable, EventLog, MetricChart, RunHeader,
+                                         RunProgress, ValuesPanel)
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 ZOOM = (None, 100, 1_000, 10_000, 100_000)
@@ -97,6 +98,7 @@ class Dashboard(App[str]):
         self.header = RunHeader(id="header")
         self.bars = [RunProgress(i, classes="run-progress") for i in range(len(self.runs))]
         self.chart = MetricChart(id="chart")
+        self.legend = ChartLegend(id="legend")
         self.values = ValuesPanel(id="values")
         self.checkpoints = CheckpointTable(id="checkpoints")
         self.event_log = EventLog(id="events")
@@ -104,7 +106,9 @@ class Dashboard(App[str]):
         with Vertical(id="progress"):
             yield from self.bars
         with Horizontal(id="main"):
-            yield self.chart
+            with Vertical(id="chart-box"):
+                yield self.chart
+                yield self.legend
             with Vertical(id="side"):
                 yield self.values
                 yield self.checkpoints
@@ -130,8 +134,10 @@ class Dashboard(App[str]):
                 self._trainer_ended(self._trainer_code)
         now = time.time()
         versions = [(h.version, h.status(), h.events_total) for h in self.runs]
-        for bar, h in zip(self.bars, self.runs):
-            bar.show(h, now)  # elapsed and ETA move on every poll
+        names = run_labels(self.runs) if len(self.runs) > 1 else [""] * len(self.runs)
+        names = [n.ljust(min(max(map(len, names)), 15)) for n in names]  # bars start in one column
+        for bar, h, name in zip(self.bars, self.runs, names):
+            bar.show(h, now, name)  # elapsed and ETA move on every poll
         self.header.show(self.runs, self._trainer_line())
         if not force and versions == self._versions:
             return
@@ -157,6 +163,7 @@ class Dashboard(App[str]):
     def redraw_chart(self) -> None:
         self.chart.draw(self.runs, self.metric, smoothing=self.smoothing, last=ZOOM[self.zoom_index],
                         log=self.log_scale)
+        self.legend.show(self.chart.legend)
 
     def _trainer_line(self) -> str:
         if self.trainer is None:
