@@ -71,7 +71,7 @@ def test_stopping_background_training_is_a_clean_interrupt_with_a_stop_event(tin
     from medvl.engine.background import BackgroundRun
 
     run = tmp_path / "run"
-    bg = BackgroundRun("tiny_cpu", _args(tiny_dir("qwen2.5-vl"), prepared_vqa, run, steps=100_000))
+    bg = BackgroundRun("tiny_cpu", _args(tiny_dir("qwen2.5-vl"), prepared_vqa, run, steps=100_000), run_dir=run)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not ((run / "metrics.jsonl").is_file() and any(
