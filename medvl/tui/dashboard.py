@@ -168,9 +168,15 @@ class Dashboard(App[str]):
     def _trainer_line(self) -> str:
         if self.trainer is None:
             return ""
+        # short: the header cuts its lines at the terminal's width, and the log's path is what must show
+        log = Path(self.trainer.log_path)
+        try:
+            log = log.resolve().relative_to(Path.cwd())
+        except ValueError:  # outside the working directory: the full path
+            pass
         if self._trainer_code is None:
-            return f"training in the background (pid {self.trainer.pid}); its output: {self.trainer.log_path}"
-        return f"training process ended with exit code {self._trainer_code}; its output: {self.trainer.log_path}"
+            return f"training in the background (pid {self.trainer.pid}); its output: {log}"
+        return f"training ended (exit code {self._trainer_code}); its output: {log}"
 
     def _trainer_ended(self, code: int) -> None:
         if isinstance(self.screen, QuitScreen):  # the user was leaving anyway; the question is moot now
