@@ -130,7 +130,7 @@ def test_two_runs_are_overlaid_with_a_legend(tmp_path):
 class FakeTrainer:
     """Stands in for medvl.engine.background.BackgroundRun (the real one is tested in test_dashboard_train.py)."""
 
-    pid, log_path = 4242, "/tmp/medvl-train-x.log"
+    pid, log_path = 4242, "/runs/x/train.log"
 
     def __init__(self):
         self.code, self.stopped = None, False
@@ -151,6 +151,8 @@ def test_closing_while_training_asks_and_says_how_to_reattach(tmp_path, choice):
     async def scenario():
         app = Dashboard([tmp_path / "run"], trainer=FakeTrainer(), poll_s=0.05)
         async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.1)
+            assert "its output: /runs/x/train.log" in str(app.header.render())  # where to read the trainer
             await pilot.press("q")
             await pilot.pause(0.1)
             assert isinstance(app.screen, QuitScreen)
@@ -207,5 +209,87 @@ def test_a_long_run_opens_quickly_then_gets_its_complete_history(tmp_path, monke
             await pilot.pause(0.2)
             log_text = "\n".join(str(line.text) for line in app.event_log.lines)
             assert log_text.count("step-006000") == 1  # the swap re-wrote the log, no duplicates
+
+    asyncio.run(scenario())
+
+
+def test_smoothing_keys_stop_at_the_ends_and_say_the_value(tmp_path):
+    t = Trainer(tmp_path / "run", steps=10, delay=0)
+    t.go.set()
+    t.write()
+
+    async def scenario():
+        app = Dashboard([tmp_path / "run"], poll_s=0.05, smoothing=0.95)
+        async with app.run_test(size=(100, 30)) as pilot:
+            chart = app.query_one(MetricChart)
+            await pilot.press("s")
+            assert app.smoothing == 0.99 and "smoothing 0.99" in chart.title_text
+            await pilot.press("s")  # already the most: stays (it used to wrap to 0)
+            assert app.smoothing == 0.99
+            messages = [n.message for n in app._notifications]
+            assert messages[-1] == "smoothing 0.99  (the most)"
+            for _ in range(8):
+                await pilot.press("S")
+            assert app.smoothing == 0.0  # stops at none (it used to wrap to 0.99)
+            assert [n.message for n in app._notifications][-1] == "smoothing 0  (none: raw values)"
+
+    asyncio.run(scenario())
+
+
+def _jsonl(run, lines):
+    import json
+
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_the_event_log_merges_runs_in_time_order(tmp_path):
+    t0 = 1_700_000_000.0
+    for name, offset in (("a", 0.0), ("b", 5.0)):  # b's events fall between a's
+        _jsonl(tmp_path / name, [
+            {"time": t0 + offset, "kind": "start", "total_steps": 20, "world_size": 1},
+            *[{"time": t0 + offset + s, "kind": "train", "step": s, "loss": 1.0} for s in range(1, 21)],
+            {"time": t0 + offset + 10, "kind": "eval", "step": 10, "eval_loss": 1.5},
+            {"time": t0 + offset + 20, "kind": "eval", "step": 20, "eval_loss": 1.25},
+        ])
+
+    async def scenario():
+        app = Dashboard([tmp_path / "a", tmp_path / "b"], poll_s=0.05)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.5)
+            lines = [str(line.text) for line in app.query_one(EventLog).lines]
+            tagged = [(ln.split()[1], "start" if "started" in ln else ln.split("eval loss ")[-1])
+                      for ln in lines if "started" in ln or "eval loss" in ln]
+            assert tagged == [("a", "start"), ("b", "start"), ("a", "1.5000"), ("b", "1.5000"),
+                              ("a", "1.2500"), ("b", "1.2500")], lines
+
+    asyncio.run(scenario())
+
+
+def test_three_runs_fit_80_columns(tmp_path):
+    from medvl.tui.dashboard_widgets import ChartLegend
+
+    names = ["lr1e-3", "lr3e-3", "lr1e-4-with-a-long-name"]
+    for k, name in enumerate(names):
+        _jsonl(tmp_path / name, [
+            {"time": 1.0e9 + k, "kind": "start", "total_steps": 200, "world_size": 1, "recipe": "tiny_cpu",
+             "model": "qwen2.5-vl-tiny", "method": "lora", "trainable_params": 16384},
+            *[{"time": 1.0e9 + k + s, "kind": "train", "step": s, "total_steps": 200, "loss": 5.0 / s,
+               "epoch": s / 50} for s in range(1, 121)]])
+
+    async def scenario():
+        app = Dashboard([tmp_path / n for n in names], poll_s=0.05)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.5)
+            assert app.header.size.height == 3  # one line per run, cut rather than wrapped
+            header = [str(app.header.render_line(y).text) for y in range(3)]
+            assert [ln.split()[1] for ln in header] == names and all(ln.rstrip().endswith("…") for ln in header)
+            bars = [str(b.query_one(".progress-run").render()).strip() for b in app.query(RunProgress)]
+            assert bars == [f"● {n}" for n in names[:2]] + ["● lr1e-4-with-a-long-name"]
+            assert all(b.region.height == 1 for b in app.query(RunProgress))
+            legend = app.query_one(ChartLegend)
+            assert legend.display and all(n in str(legend.render()) for n in names)
+            assert legend.region.y > app.chart.region.y + app.chart.region.height - 1  # under the plot, not on it
+            assert app.chart.region.height >= 8 and "training loss" in app.chart.title_text
 
     asyncio.run(scenario())

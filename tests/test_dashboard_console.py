@@ -45,3 +45,18 @@ def test_rates_read_like_a_person_writes_them():
 def test_a_pipe_console_does_not_cut_table_names(monkeypatch):
     c = _console()  # under pytest stdout is not a terminal
     assert not c.is_terminal and c.width >= 200 and c.soft_wrap
+
+
+def test_a_stop_event_says_its_reason_once():
+    from rich.text import Text
+
+    from medvl.engine.metrics import StopEvent
+    from medvl.tui.text import describe
+
+    def plain(e):
+        return Text.from_markup(describe(e)).plain
+
+    ctrl_c = StopEvent(reason="interrupted", message="interrupted (Ctrl-C or SIGINT)", fix="resume")
+    assert plain(ctrl_c) == "stopped: interrupted (Ctrl-C or SIGINT)  fix: resume"
+    assert plain(StopEvent(reason="error", message="loss is NaN")) == "stopped (error) loss is NaN"
+    assert plain(StopEvent(reason="crashed")) == "stopped (crashed)"

@@ -55,7 +55,9 @@ def test_train_tui_finishes_and_leaves_the_same_run_directory(tiny_dir, prepared
 
     app = asyncio.run(scenario())
     assert "exit code 0" in app.return_value
-    assert _files(tmp_path / "tui") == _files(tmp_path / "plain")
+    # the same run directory, plus the background process's console output
+    assert app.trainer.log_path == tmp_path / "tui" / "train.log"
+    assert _files(tmp_path / "tui") == sorted(_files(tmp_path / "plain") + ["train.log"])
     a = load_file(tmp_path / "plain" / "final" / "model.safetensors")
     b = load_file(tmp_path / "tui" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
@@ -69,7 +71,7 @@ def test_stopping_background_training_is_a_clean_interrupt_with_a_stop_event(tin
     from medvl.engine.background import BackgroundRun
 
     run = tmp_path / "run"
-    bg = BackgroundRun("tiny_cpu", _args(tiny_dir("qwen2.5-vl"), prepared_vqa, run, steps=100_000))
+    bg = BackgroundRun("tiny_cpu", _args(tiny_dir("qwen2.5-vl"), prepared_vqa, run, steps=100_000), run_dir=run)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not ((run / "metrics.jsonl").is_file() and any(
@@ -83,3 +85,32 @@ def test_stopping_background_training_is_a_clean_interrupt_with_a_stop_event(tin
     assert code == 130, "\n".join(bg.tail(30))
     last = read_events(run / "metrics.jsonl")[-1]
     assert isinstance(last, StopEvent) and last.reason == "interrupted" and "--resume auto" in last.fix
+
+
+def test_the_background_log_is_written_inside_a_new_run_directory(tmp_path):
+    from medvl.engine.background import BackgroundRun
+
+    run = tmp_path / "not" / "made" / "yet" / "run"
+    bg = BackgroundRun("no-such-recipe", [f"output.dir={run}"], run_dir=run)
+    try:
+        assert bg.log_path == run / "train.log"
+        assert bg.poll() is not None or bg._proc.wait(timeout=120) is not None
+    finally:
+        if bg.poll() is None:
+            os.killpg(bg.pid, 9)
+    assert bg.poll() == 2 and "no-such-recipe" in bg.log_path.read_text()
+
+
+def test_a_train_log_alone_does_not_count_as_a_run_already_there(tiny_dir, tmp_path):
+    from medvl.engine.setup import prepare_run_dir
+    from medvl.errors import MedvlError
+    from medvl.config import load_recipe
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("the --tui dashboard's log of this run\n")
+    r = load_recipe("tiny_cpu", [f"model.base={tiny_dir('causal-lm')}", f"output.dir={run}"])
+    assert prepare_run_dir(r, None) == run  # a fresh --tui run: train.log was written just before it started
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(MedvlError, match="already holds a run"):
+        prepare_run_dir(r, None)

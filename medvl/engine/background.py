@@ -6,7 +6,8 @@ the run directory like `medvl watch` does. So the run directory is the same as w
 loop never competes with the training loop for the GIL, a crash of either one leaves the other alive, and
 "leave it running" is nothing more than not stopping the process. The child has its own session (Ctrl-C or a
 closed terminal reaches the dashboard, not the training) and writes its console output, one plain line per log
-step, to a log file outside the run directory.
+step, to RUN/train.log (appended, so a resumed run keeps the earlier output; `prepare_run_dir` does not count
+that file as "a run already there").
 """
 
 from __future__ import annotations
@@ -15,23 +16,28 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+TRAIN_LOG = "train.log"  # the background process's console output, inside the run directory
+
 
 class BackgroundRun:
-    def __init__(self, recipe: str, overrides: list[str], resume: str | None = None, *,
-                 log_path: str | Path | None = None, env: dict | None = None):
-        if log_path is None:
-            fd, name = tempfile.mkstemp(prefix="medvl-train-", suffix=".log")
-            os.close(fd)
-            log_path = name
-        self.log_path = Path(log_path)
+    def __init__(self, recipe: str, overrides: list[str], resume: str | None = None, *, run_dir: str | Path,
+                 env: dict | None = None):
+        from medvl.errors import MedvlError
+
+        self.log_path = Path(run_dir) / TRAIN_LOG
+        try:  # the run directory (and its parents) may not exist yet: a fresh run
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.touch()
+        except OSError as exc:
+            raise MedvlError(f"cannot write the training log {self.log_path}: {exc.strerror or exc}",
+                             where=str(self.log_path), fix="choose an output.dir you can write to") from None
         self.command = [sys.executable, "-m", "medvl.commands.main", "train", str(recipe), *overrides]
         if resume:
             self.command += ["--resume", resume]
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True,
                                           env=dict(os.environ, **(env or {})))

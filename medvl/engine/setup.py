@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from medvl.engine.background import TRAIN_LOG
 from medvl.errors import MedvlError
 from medvl.families import Family, detect_family, get_family
 from medvl.plan import plan_from_recipe  # noqa: F401  engine/dryrun.py imports it from here
@@ -139,8 +140,10 @@ def prepare_run_dir(recipe, resume: str | None) -> Path:
     if blocker is not None and not os.access(blocker, os.W_OK | os.X_OK):
         raise MedvlError(f"output.dir {run_dir}: {blocker} is not writable by you", where=str(blocker),
                          fix="choose an output.dir you can write to")
-    # launch-recipe.yaml is written by `medvl train` just before it starts the processes (engine/launch.py)
-    held_files = [p for p in run_dir.iterdir() if p.name != "launch-recipe.yaml"] if run_dir.is_dir() else []
+    # launch-recipe.yaml is written by `medvl train` just before it starts the processes (engine/launch.py), and
+    # train.log by `medvl train --tui` before it starts `medvl train` in the background (engine/background.py)
+    held_files = ([p for p in run_dir.iterdir() if p.name not in ("launch-recipe.yaml", TRAIN_LOG)]
+                  if run_dir.is_dir() else [])
     if resume in (None, "", "no", "none") and held_files:
         if not recipe.output.overwrite:
             found = list_checkpoints(run_dir)

@@ -5,7 +5,7 @@ to a run that is going, finished, crashed or not started yet, from any terminal,
 the run. With `medvl train --tui` it also holds the background training process (medvl.engine.background):
 closing then asks whether to stop training or leave it running, and says how to re-attach.
 
-Keys: m / M next / previous metric (or 1-9), l log scale, s / S more / less smoothing, z zoom to the last N
+Keys: m / M next / previous metric (or 1-9), l log scale, s / S more / less smoothing (0 to 0.99), z zoom to the last N
 steps, p save the charts as a PNG next to the run, ctrl+s save this screen as an SVG next to the run, q quit.
 """
 
@@ -24,8 +24,9 @@ from textual.widgets import Button, Footer, Label
 
 from medvl.engine.curves import METRICS
 from medvl.engine.history import RunHistory
-from medvl.tui.dashboard_widgets import (CheckpointTable, EventLog, MetricChart, RunHeader, RunProgress,
-                                         ValuesPanel)
+from medvl.engine.curves import run_labels
+from medvl.tui.dashboard_widgets import (ChartLegend, CheckpointTable, EventLog, MetricChart, RunHeader,
+                                         RunProgress, ValuesPanel)
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 ZOOM = (None, 100, 1_000, 10_000, 100_000)
@@ -97,6 +98,7 @@ class Dashboard(App[str]):
         self.header = RunHeader(id="header")
         self.bars = [RunProgress(i, classes="run-progress") for i in range(len(self.runs))]
         self.chart = MetricChart(id="chart")
+        self.legend = ChartLegend(id="legend")
         self.values = ValuesPanel(id="values")
         self.checkpoints = CheckpointTable(id="checkpoints")
         self.event_log = EventLog(id="events")
@@ -104,7 +106,9 @@ class Dashboard(App[str]):
         with Vertical(id="progress"):
             yield from self.bars
         with Horizontal(id="main"):
-            yield self.chart
+            with Vertical(id="chart-box"):
+                yield self.chart
+                yield self.legend
             with Vertical(id="side"):
                 yield self.values
                 yield self.checkpoints
@@ -130,8 +134,10 @@ class Dashboard(App[str]):
                 self._trainer_ended(self._trainer_code)
         now = time.time()
         versions = [(h.version, h.status(), h.events_total) for h in self.runs]
-        for bar, h in zip(self.bars, self.runs):
-            bar.show(h, now)  # elapsed and ETA move on every poll
+        names = run_labels(self.runs) if len(self.runs) > 1 else [""] * len(self.runs)
+        names = [n.ljust(min(max(map(len, names)), 15)) for n in names]  # bars start in one column
+        for bar, h, name in zip(self.bars, self.runs, names):
+            bar.show(h, now, name)  # elapsed and ETA move on every poll
         self.header.show(self.runs, self._trainer_line())
         if not force and versions == self._versions:
             return
@@ -157,13 +163,20 @@ class Dashboard(App[str]):
     def redraw_chart(self) -> None:
         self.chart.draw(self.runs, self.metric, smoothing=self.smoothing, last=ZOOM[self.zoom_index],
                         log=self.log_scale)
+        self.legend.show(self.chart.legend)
 
     def _trainer_line(self) -> str:
         if self.trainer is None:
             return ""
+        # short: the header cuts its lines at the terminal's width, and the log's path is what must show
+        log = Path(self.trainer.log_path)
+        try:
+            log = log.resolve().relative_to(Path.cwd())
+        except ValueError:  # outside the working directory: the full path
+            pass
         if self._trainer_code is None:
-            return f"training in the background: pid {self.trainer.pid}, output {self.trainer.log_path}"
-        return f"training process ended with exit code {self._trainer_code}; output {self.trainer.log_path}"
+            return f"training in the background (pid {self.trainer.pid}); its output: {log}"
+        return f"training ended (exit code {self._trainer_code}); its output: {log}"
 
     def _trainer_ended(self, code: int) -> None:
         if isinstance(self.screen, QuitScreen):  # the user was leaving anyway; the question is moot now
@@ -195,8 +208,13 @@ class Dashboard(App[str]):
         self.redraw_chart()
 
     def action_smoothing(self, delta: int) -> None:
+        """s / S: one step more / less, stopping at 0.99 and at 0 (a wrap from heaviest to raw reads as a bug)."""
         i = min(range(len(SMOOTHING)), key=lambda k: abs(SMOOTHING[k] - self.smoothing))
-        self.smoothing = SMOOTHING[(i + delta) % len(SMOOTHING)]
+        j = max(0, min(len(SMOOTHING) - 1, i + delta))
+        self.smoothing = SMOOTHING[j]
+        end = "  (the most)" if j == len(SMOOTHING) - 1 else "  (none: raw values)" if j == 0 else ""
+        applies = "" if self.metric.smoothed else f"; {self.metric.title} is drawn unsmoothed"
+        self.notify(f"smoothing {self.smoothing:g}{end}{applies}", timeout=2)
         self.redraw_chart()
 
     def action_zoom(self) -> None:
@@ -271,7 +289,7 @@ def dashboard_for_training(recipe: str, overrides: list[str], resume: str | None
     # Without --resume the directory may still hold the previous run's metrics.jsonl until the new run
     # replaces it: the dashboard notes that file before training starts and shows "waiting" until it changes.
     app = Dashboard([run_dir], ignore_existing=not resume, **kwargs)
-    app.trainer = BackgroundRun(recipe, overrides, resume)
+    app.trainer = BackgroundRun(recipe, overrides, resume, run_dir=run_dir)
     return app
 
 

@@ -30,7 +30,8 @@ class RunHeader(Static):
     """One line per run: colour key, name, status, recipe, model, method, trainable parameters, world size."""
 
     def show(self, runs: list[RunHistory], extra: str = "") -> None:
-        text = Text()
+        # one line per run, cut with "…" rather than wrapped: three runs plus the trainer line fit 4 rows at 80 columns
+        text = Text(no_wrap=True, overflow="ellipsis")
         for i, (h, label) in enumerate(zip(runs, run_labels(runs))):
             status = h.status()
             text.append("● " if len(runs) > 1 else "", style=colour(i, rich=True))
@@ -60,15 +61,23 @@ class RunProgress(Horizontal):
         self.index = index
 
     def compose(self):
+        # the run's colour and name, shown only when several runs share the screen (bars alone are anonymous)
+        yield Static("", classes="progress-run", id=f"progress-run-{self.index}")
         yield ProgressBar(total=None, show_eta=False, show_percentage=True, id=f"bar-{self.index}")
         yield Static("", classes="progress-label", id=f"progress-{self.index}")
 
-    def show(self, h: RunHistory, now: float | None = None) -> None:
+    def show(self, h: RunHistory, now: float | None = None, name: str = "") -> None:
         if not self.query(".progress-label"):
             return  # not composed yet (the app's first refresh can come before its children mount)
+        run = self.query_one(".progress-run", Static)
+        run.display = bool(name)
+        if name:
+            run.update(Text.assemble(("● ", colour(self.index, rich=True)), name, no_wrap=True, overflow="ellipsis"))
         total, step = h.total_steps, h.step
         self.query_one(ProgressBar).update(total=total, progress=step)
-        epoch = f"  epoch {h.last.epoch:.2f}" if h.last is not None and h.last.epoch is not None else ""
+        # several runs: the name takes the epoch's room (80 columns hold name, bar, step, elapsed and ETA)
+        epoch = (f"  epoch {h.last.epoch:.2f}" if not name and h.last is not None and h.last.epoch is not None
+                 else "")
         label = f"step {step:,}/{total:,}{epoch}" if total else "waiting"
         label += f"  elapsed {duration(h.elapsed(now))}"
         eta = h.eta(now)
@@ -85,14 +94,16 @@ class MetricChart(PlotextPlot):
         plt = self.plt
         plt.clear_figure()
         lines = lines_for(runs, metric, smoothing=smoothing, last=last, log=log)
-        n = 0
+        n, legend = 0, []
         for line in lines:
             if line.raw:
                 plt.plot(line.steps, line.values, color="gray", marker="braille")
                 continue
             # several runs: one colour each; one run with several series (suites, devices): one colour each
-            plt.plot(line.steps, line.values, color=colour(line.run if len(runs) > 1 else n), marker="braille",
-                     label=line.label if len(runs) > 1 or sum(not ln.raw for ln in lines) > 1 else None)
+            # no plotext label: its legend is drawn inside the plot, over the curves; ChartLegend shows it below
+            plt.plot(line.steps, line.values, color=colour(line.run if len(runs) > 1 else n), marker="braille")
+            if len(runs) > 1 or sum(not ln.raw for ln in lines) > 1:
+                legend.append((line.label, colour(line.run if len(runs) > 1 else n, rich=True)))
             n += 1
         first = min((ln.steps[0] for ln in lines), default=None)
         for i, h in enumerate(runs):
@@ -112,6 +123,7 @@ class MetricChart(PlotextPlot):
             title += ": nothing logged yet"
         plt.title(title)
         self.drawn, self.title_text = lines, title  # what is on screen (tests read it)
+        self.legend = legend  # (label, rich colour) per coloured line, for ChartLegend
         plt.xlabel("step")
         if lines:
             ticks = step_ticks(min(ln.steps[0] for ln in lines), max(ln.steps[-1] for ln in lines))
@@ -120,6 +132,18 @@ class MetricChart(PlotextPlot):
             plt.yscale("log")
         self.refresh()
         return len(lines)
+
+
+class ChartLegend(Static):
+    """The chart's legend on one line under the plot (plotext's own legend covers the curves at 80 columns)."""
+
+    def show(self, legend: list[tuple[str, str]]) -> None:
+        self.display = bool(legend)
+        text = Text(no_wrap=True, overflow="ellipsis")
+        for k, (label, style) in enumerate(legend):
+            text.append(("   " if k else "") + "● ", style=style)
+            text.append(label)
+        self.update(text)
 
 
 def step_ticks(lo: float, hi: float, n: int = 5) -> list[int]:
@@ -198,15 +222,23 @@ class EventLog(RichLog):
         self._shown = {}
 
     def show(self, runs: list[RunHistory]) -> None:
-        for i, (h, label) in enumerate(zip(runs, run_labels(runs))):
+        """Write what is new since the last call, all runs merged in time order (a log is read as one timeline;
+        lines already written stay, so a late event of a slow-polled run lands at the bottom, not back in time)."""
+        new_events = []  # (time, run, position, event)
+        labels = run_labels(runs)
+        for i, h in enumerate(runs):
             seen = self._shown.get(i, 0)
             if seen > h.events_total:
                 seen = 0  # the history was reset (a new run in the same directory)
             new = min(h.events_total - seen, len(h.events))
-            for e in list(h.events)[len(h.events) - new:]:
-                line = describe(e)
-                if line:
-                    stamp = time.strftime("%H:%M:%S", time.localtime(e.time)) if e.time else "--:--:--"
-                    tag = f"[{colour(i, rich=True)}]{label}[/] " if len(runs) > 1 else ""
-                    self.write(Text.from_markup(f"[dim]{stamp}[/] {tag}{line}"))
+            last_time = 0.0  # an event without a time keeps its place after its run's previous one
+            for k, e in enumerate(list(h.events)[len(h.events) - new:]):
+                last_time = e.time or last_time
+                new_events.append((last_time, i, k, e))
             self._shown[i] = h.events_total
+        for _, i, _, e in sorted(new_events, key=lambda t: t[:3]):
+            line = describe(e)
+            if line:
+                stamp = time.strftime("%H:%M:%S", time.localtime(e.time)) if e.time else "--:--:--"
+                tag = f"[{colour(i, rich=True)}]{labels[i]}[/] " if len(runs) > 1 else ""
+                self.write(Text.from_markup(f"[dim]{stamp}[/] {tag}{line}"))

@@ -40,7 +40,10 @@ def describe(event) -> str | None:
     if isinstance(event, m.EndEvent):
         return f"[green]done[/] in {duration(event.wall_s)} -> {event.final_dir}"
     if isinstance(event, m.StopEvent):
-        return f"[red]stopped ({event.reason})[/] {event.message}" + (f"  fix: {event.fix}" if event.fix else "")
+        # the reason once: "interrupted (Ctrl-C or SIGINT)" already starts with its reason "interrupted"
+        message, reason = event.message or "", event.reason or ""
+        head = "stopped:" if not reason or message.startswith(reason) else f"stopped ({reason})"
+        return f"[red]{head}[/] {message}".rstrip() + (f"  fix: {event.fix}" if event.fix else "")
     if isinstance(event, m.StartEvent):
         return (f"[cyan]resumed[/] at step {event.start_step} from {event.resumed_from or 'a checkpoint'}"
                 if event.is_resume else f"started: {event.total_steps} steps, {event.world_size} process(es)")
