@@ -3,7 +3,8 @@
 Each input line is a question or a slash command (/image PATH, /clear, /quit, ... as in the app; `clear` and
 `quit` / `exit` also work bare, as in the seed). Answers go to stdout, streamed; everything else (notes, errors)
 to stderr, so `echo "What modality is this?" | medvl chat MODEL --image ct.dcm` prints exactly one answer.
-`--json` prints one JSON object per answer instead: {"answer", "tokens", "seconds"} (+ "model" when comparing).
+`--json` prints one JSON object per answer instead: {"answer", "tokens", "seconds"} (+ "model" when comparing);
+a line that fails prints {"error", "where", "fix", "input"} in its place (and the error on stderr).
 A failed line (a bad image, an overflowing context) is reported and the loop goes on; the exit status is then 2.
 Ctrl-C during an answer stops that answer and keeps the conversation; at the prompt it leaves.
 """
@@ -64,7 +65,7 @@ def run_plain(session, *, as_json: bool = False, stdin=None, stdout=None, stderr
             step = session.handle(line)
         except MedvlError as exc:
             failed = True
-            stderr.write(f"error: {exc.render()}\n")
+            _error(exc, line, as_json, stdout, stderr)
             continue
         if step.quit:
             break
@@ -75,7 +76,7 @@ def run_plain(session, *, as_json: bool = False, stdin=None, stdout=None, stderr
                 failed |= _answer(stream, bot, name if len(names) > 1 else None, as_json, stdout, stderr)
             except MedvlError as exc:
                 failed = True
-                stderr.write(f"error: {exc.render()}\n")
+                _error(exc, line, as_json, stdout, stderr)
             except KeyboardInterrupt:  # Ctrl-C mid-answer stops that answer (kept, as in the app), not the session
                 stream.close()
                 stdout.write("\n")
@@ -85,6 +86,16 @@ def run_plain(session, *, as_json: bool = False, stdin=None, stdout=None, stderr
         stderr.write(f"error: {exc.render()}\n")
         return 2
     return 2 if failed else 0
+
+
+def _error(exc: MedvlError, line: str, as_json: bool, stdout, stderr) -> None:
+    """A line that failed: on stderr always; with --json also one object on stdout, so a script that reads one
+    object per question keeps its questions and answers paired."""
+    stderr.write(f"error: {exc.render()}\n")
+    if as_json:
+        stdout.write(json.dumps({"error": exc.what, "where": exc.where, "fix": exc.fix, "input": line},
+                                ensure_ascii=False) + "\n")
+        stdout.flush()
 
 
 def _answer(stream, bot, label, as_json: bool, stdout, stderr) -> bool:

@@ -49,8 +49,12 @@ def test_json_lines_default_model_and_a_bad_line_in_the_middle(tiny_dir, png, tm
               env={"MEDVL_MODEL": str(tiny_dir("llava"))})
     assert out.returncode == 2  # a line failed; the loop went on
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert len(rows) == 2 and all(set(r) == {"answer", "tokens", "seconds"} for r in rows)
-    assert all(0 < r["tokens"] <= 6 and r["seconds"] > 0 for r in rows)
+    # one object per input line that asked something: the failed /image line too, so a script stays paired
+    assert [("error" in r) for r in rows] == [False, True, False]
+    answers = [r for r in rows if "error" not in r]
+    assert all(set(r) == {"answer", "tokens", "seconds"} for r in answers)
+    assert all(0 < r["tokens"] <= 6 and r["seconds"] > 0 for r in answers)
+    assert rows[1]["input"] == f"/image {tmp_path}/missing.png" and "image-missing" in rows[1]["error"]
     assert "from $MEDVL_MODEL" in out.stderr and "image-missing" in out.stderr and "Traceback" not in out.stderr
 
 
