@@ -35,6 +35,10 @@ def serve(
     max_images: int = typer.Option(8, "--max-images", help="Most images in one request."),
     max_tokens: int = typer.Option(2048, "--max-tokens", help="Largest max_tokens a request may ask for."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds one request may take before it gets 504."),
+    max_body_mb: float = typer.Option(32.0, "--max-body-mb", help="Largest request body in MB (base64 images "
+                                      "count 4/3 of their size); larger gets 413."),
+    max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels",
+                                         help="Largest image (width x height) a request may send."),
     system: str = typer.Option(None, "--system", help="System prompt when a request has none (default: the "
                                "model's own).", show_default=False),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on a GPU, else fp32), bf16, fp16, fp32."),
@@ -50,7 +54,8 @@ def serve(
 
     settings = ServeSettings(model, adapter, host, port, api_key, insecure_no_key, name, list(image_root or []),
                              dtype, device, system, max_batch,
-                             Limits(max_images=max_images, max_new_tokens=max_tokens, timeout_s=timeout))
+                             Limits(max_images=max_images, max_new_tokens=max_tokens, timeout_s=timeout,
+                                    max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels))
 
     def ready(info: dict) -> None:
         roots = ", ".join(info["image_roots"]) or "none (data: URLs only)"

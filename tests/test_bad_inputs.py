@@ -451,6 +451,9 @@ CASES = [
     Case("serve-max-images-negative", lambda w: ["serve", w["lm"], "--max-images", "-1"],
          lambda w: "--max-images"),
     Case("serve-timeout-zero", lambda w: ["serve", w["lm"], "--timeout", "0"], lambda w: "--timeout"),
+    Case("serve-max-body-zero", lambda w: ["serve", w["lm"], "--max-body-mb", "0"], lambda w: "--max-body-mb"),
+    Case("serve-max-image-pixels-zero", lambda w: ["serve", w["lm"], "--max-image-pixels", "0"],
+         lambda w: "--max-image-pixels"),
     Case("serve-unknown-device", lambda w: ["serve", w["lm"], "--device", "gpu0"], lambda w: "--device"),
     Case("serve-adapter-does-not-fit", lambda w: ["serve", w["lm"], "--adapter", w["vl_adapter"], "--port",
                                                   w["free_port"]], lambda w: w["vl_adapter"]),  # when applied

@@ -190,7 +190,8 @@ def server(tiny_dir, tmp_path_factory, pngs):
     port, key = free_port(), "sk-test-medvl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     proc = subprocess.Popen([MEDVL, "serve", str(tiny_dir("qwen2.5-vl")), "--port", str(port), "--api-key", key,
-                             "--name", "tiny", "--image-root", str(root), "--max-tokens", "64"],
+                             "--name", "tiny", "--image-root", str(root), "--max-tokens", "64",
+                             "--max-body-mb", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for _ in range(120):
         try:
@@ -277,6 +278,15 @@ def test_errors_come_in_openais_shape(server, client, pngs):
             {"type": "text", "text": "q"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no").decode()}}]}])
     assert bad.value.body["code"] == "image_undecodable"
+
+
+def test_a_body_over_the_limit_is_413(server, client):
+    import openai
+
+    big = "x" * (1024 * 1024 + 10)  # the server was started with --max-body-mb 1
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": big}])
+    assert err.value.status_code == 413 and err.value.body["code"] == "request_too_large"
 
 
 def test_a_key_is_required(server):

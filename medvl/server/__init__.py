@@ -58,6 +58,12 @@ def check_settings(s: ServeSettings) -> None:
         raise MedvlError(f"port {s.port} is not a TCP port", fix="use 1-65535, e.g. --port 8000")
     if s.max_batch < 1:
         raise MedvlError(f"--max-batch must be at least 1, got {s.max_batch}")
+    if not s.limits.max_body_bytes > 0:
+        raise MedvlError(f"--max-body-mb must be above 0, got {s.limits.max_body_bytes / 2**20:g}",
+                         fix="e.g. --max-body-mb 32 (a few base64 images)")
+    if s.limits.max_image_pixels < 1:
+        raise MedvlError(f"--max-image-pixels must be at least 1, got {s.limits.max_image_pixels}",
+                         fix="e.g. --max-image-pixels 16777216 (4096 x 4096)")
     if s.limits.max_images < 0:
         raise MedvlError(f"--max-images must be 0 (text only) or more, got {s.limits.max_images}")
     if s.limits.max_new_tokens < 1:
