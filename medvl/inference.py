@@ -120,6 +120,16 @@ def render_prompt(processor, family, turns: Sequence[Turn], system: str | None =
     return render(processor, msgs, family.is_vision), images
 
 
+def encode_left_padded(processor, tokenizer, family, texts: Sequence[str], images: Sequence = ()):
+    """A batch of rendered prompts, left-padded so each row's last real token sits in the last column (a decoder
+    appends after it): with the attention mask, a row's greedy answer is the answer its prompt gets alone.
+    Eval's batched answering and the server's batches both encode here. The templates hold any BOS."""
+    if family.is_vision:
+        return processor(text=list(texts), images=list(images) or None, padding=True, padding_side="left",
+                         return_tensors="pt", add_special_tokens=False)
+    return tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+
+
 class Chatbot:
     def __init__(self, model: str | Path | None = None, adapter: str | Path | None = None, device=None,
                  dtype: str | None = None, *, system: str | None = None, options: GenerationOptions | None = None,

@@ -6,7 +6,7 @@ import torch
 
 from medvl.data.collate import IGNORE, collate, encode_record
 from medvl.engine.loss import chunked_cross_entropy_sum, logits_bytes, supervised_tokens, token_loss_sum
-from medvl.engine.params import Plan, apply_plan
+from medvl.plan import Plan, apply_plan
 from medvl.families import get_family
 from medvl.models import load_model, load_processor
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medvl.engine.params import Plan, apply_plan
+from medvl.plan import Plan, apply_plan
 from medvl.engine.throughput import flops_per_token, mfu, peak_flops
 from medvl.families import get_family
 from medvl.models import load_model

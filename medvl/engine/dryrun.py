@@ -94,8 +94,8 @@ def plan_run(recipe, *, worker: str) -> DryRun:
     """The dry run of a recipe; `worker` is the module each launched process runs (see engine/launch.py)."""
     from medvl.config import recipe_to_yaml
     from medvl.engine.launch import launch_command, needs_launch
-    from medvl.engine.params import apply_plan, rows_as_dicts, trainability
-    from medvl.engine.setup import plan_from_recipe
+    from medvl.engine.params import rows_as_dicts, trainability
+    from medvl.plan import apply_plan, plan_from_recipe
     from medvl.families import detect_family, get_family
     from pathlib import Path
 

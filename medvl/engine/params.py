@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from medvl.families import Family
-from medvl.plan import GROUPS, Plan, apply_plan, group_of  # noqa: F401  apply_plan: engine/dryrun.py imports it here
+from medvl.plan import GROUPS, Plan, group_of
 
 
 @dataclass

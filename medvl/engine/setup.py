@@ -11,7 +11,6 @@ from pathlib import Path
 from medvl.engine.background import TRAIN_LOG
 from medvl.errors import MedvlError
 from medvl.families import Family, detect_family, get_family
-from medvl.plan import plan_from_recipe  # noqa: F401  engine/dryrun.py imports it from here
 
 
 def build_accelerator(recipe):

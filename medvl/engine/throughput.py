@@ -20,7 +20,7 @@ PEAK_TFLOPS = (
 
 def flops_per_token(model, family) -> float:
     """Training FLOPs per input token of the language model (forward + backward), see the module docstring."""
-    from medvl.engine.params import group_of
+    from medvl.plan import group_of
 
     through = trainable = 0
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -311,14 +311,10 @@ class Generator:
     def _generate(self, prompts: Sequence[Prompt]) -> list[str]:
         import torch
 
-        texts = [p.text for p in prompts]
-        if self.family.is_vision:
-            images = [_load_image(path) for p in prompts for path in p.images]
-            batch = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
-                                   return_tensors="pt", add_special_tokens=False)  # the template holds any BOS
-        else:
-            batch = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
-                                   add_special_tokens=False)
+        from medvl.inference import encode_left_padded
+
+        images = [_load_image(path) for p in prompts for path in p.images] if self.family.is_vision else []
+        batch = encode_left_padded(self.processor, self.tokenizer, self.family, [p.text for p in prompts], images)
         batch = batch.to(self.device)
         if self.decoding.sampling:
             # Seeded per batch from its items: the same items in the same batches sample the same answers.

@@ -229,15 +229,11 @@ class Batcher:
     def _generate(self, jobs: list[Job], prompts: list[tuple[str, list]]) -> None:
         import torch
 
+        from medvl.inference import encode_left_padded
+
         bot = self.bot
-        texts = [p[0] for p in prompts]
-        if bot.family.is_vision:
-            images = [im for p in prompts for im in p[1]]
-            batch = bot.processor(text=texts, images=images or None, padding=True, padding_side="left",
-                                  return_tensors="pt", add_special_tokens=False)
-        else:
-            batch = bot.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
-                                  add_special_tokens=False)
+        batch = encode_left_padded(bot.processor, bot.tokenizer, bot.family, [p[0] for p in prompts],
+                                   [im for p in prompts for im in p[1]])
         mask = batch["attention_mask"]
         prompt_tokens = [int(n) for n in mask.sum(dim=1)]
         limits = []
