@@ -42,6 +42,23 @@ def make_raw(root: Path, varied: bool, n: int = 2000) -> Path:
     return path
 
 
+def prepare_bench_data(root: Path, varied: bool, n: int, out: Path) -> Path:
+    """make_raw's samples prepared for the tiny model at root/tiny (max length 256, 64x64 images -> 4 tokens).
+    easy-vqa's images live in site-packages, outside the raw file's folder: the root rule wants that folder
+    named, or every sample is quarantined (image-escapes-root) and the benchmark trains on nothing."""
+    import easy_vqa
+
+    from medvl.data.prepare import prepare
+
+    images = str(Path(next(iter(easy_vqa.get_train_image_paths().values()))).parent)
+    res = prepare([make_raw(root, varied, n)], out, model=str(root / "tiny"), max_seq_len=256, min_pixels=3136,
+                  max_pixels=12544, image_root=[images])
+    if res.manifest["accepted"] != n:
+        raise SystemExit(f"benchmark data: {res.manifest['accepted']} of {n} samples prepared "
+                         f"({res.manifest['rejected']})")
+    return out
+
+
 def one_run(root: Path, data: Path, layout: str, steps: int, extra=()) -> dict:
     import medvl.engine.train as engine
     from medvl.config import load_recipe
@@ -65,7 +82,6 @@ def one_run(root: Path, data: Path, layout: str, steps: int, extra=()) -> dict:
 
 def run(rounds: int, padded_steps: int) -> dict:
     from medvl.data.dataset import index_prepared
-    from medvl.data.prepare import prepare
     from medvl.engine.packing import padded_waste
     from medvl.tiny import build_tiny
 
@@ -73,14 +89,9 @@ def run(rounds: int, padded_steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_tiny("qwen2.5-vl", root / "tiny")
-        import easy_vqa
-
-        images = str(Path(next(iter(easy_vqa.get_train_image_paths().values()))).parent)
         datasets = {}
         for kind in ("short", "varied"):
-            datasets[kind] = root / f"data-{kind}"
-            prepare([make_raw(root, kind == "varied")], datasets[kind], model=str(root / "tiny"), max_seq_len=256,
-                    min_pixels=3136, max_pixels=12544, image_root=[images])  # absolute paths: name their folder
+            datasets[kind] = prepare_bench_data(root, kind == "varied", 2000, root / f"data-{kind}")
             lengths = list(index_prepared([datasets[kind]]).n_tokens)
             print(f"{kind}: {len(lengths)} samples, tokens/sample mean {sum(lengths) / len(lengths):.0f}, "
                   f"max {max(lengths)}, padded micro-batches of 8 are {padded_waste(lengths, 8):.0%} padding")

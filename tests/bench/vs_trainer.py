@@ -26,13 +26,11 @@ TARGET = 1.0  # never slower than the Trainer; medians of 3 runs on a shared 2-c
 
 
 def setup(root: Path) -> None:
-    from medvl.data.prepare import prepare
     from medvl.tiny import build_tiny
-    from tests.bench.train_throughput import make_raw
+    from tests.bench.train_throughput import prepare_bench_data
 
     build_tiny("qwen2.5-vl", root / "tiny")
-    prepare([make_raw(root, False, 2400)], root / "data", model=str(root / "tiny"), max_seq_len=256,
-            min_pixels=3136, max_pixels=12544)
+    prepare_bench_data(root, False, 2400, root / "data")
 
 
 def medvl_run(root: Path, method: str, steps: int) -> dict:
