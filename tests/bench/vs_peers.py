@@ -1,49 +1,45 @@
-"""medvl's training loop side by side with ms-swift's and LLaMA-Factory's: same tiny Qwen2.5-VL, same 2,400
+r"""medvl's training loop side by side with ms-swift's and LLaMA-Factory's: same tiny Qwen2.5-VL, same 2,400
 easy-vqa samples, same hyper-parameters, fp32, CPU, one thread, one process each.
 
-    python -m tests.bench.vs_peers [--swift PATH/bin/swift] [--llamafactory PATH/bin/llamafactory-cli] [ROUNDS] [STEPS]
+    python -m tests.bench.vs_peers [--swift VENV/bin/swift] [--llamafactory VENV/bin/llamafactory-cli] [ROUNDS] [STEPS]
 
-Either peer may be left out (defaults: $MEDVL_BENCH_SWIFT, $MEDVL_BENCH_LLAMAFACTORY); with neither, it says so and
-exits 0 (`make bench` runs it). Each peer runs in its own virtualenv, outside this repository; on a 2-core CPU box
-with torch 2.13.0+cpu these installs worked (PyPI's torchvision/torchaudio are CUDA-linked, so they go in with
---no-deps and are made to import without their C extensions; no CUDA torch is ever pulled):
+Defaults: $MEDVL_BENCH_SWIFT, $MEDVL_BENCH_LLAMAFACTORY; with no peer it says so and exits 0 (`make bench` runs it).
+Each peer lives in its own virtualenv outside the repository. With torch 2.13.0+cpu these installs worked (PyPI's
+torchvision and torchaudio are CUDA-linked: --no-deps, then made to import without their C extensions):
 
     python3 -m venv /work/peers/swift && /work/peers/swift/bin/pip install torch==2.13.0
-    printf 'torch==2.13.0\ntransformers==5.19.0\npeft==0.20.0\naccelerate==1.15.0\n' > swift-c.txt  # swift: <5.20, <0.21
+    printf 'torch==2.13.0\ntransformers==5.19.0\npeft==0.20.0\naccelerate==1.15.0\n' > swift-c.txt  # <5.20, <0.21
     /work/peers/swift/bin/pip install -c swift-c.txt ms-swift==4.6.0 qwen-vl-utils==0.0.14
     python3 -m venv /work/peers/lf && /work/peers/lf/bin/pip install torch==2.13.0
-    printf 'torch==2.13.0\ntransformers==5.6.0\npeft==0.18.1\naccelerate==1.11.0\n' > lf-c.txt  # llamafactory's caps
-    /work/peers/lf/bin/pip install -c lf-c.txt 'accelerate<=1.11.0,>=1.3.0' 'av<=16.0.0,>=10.0.0' \
-        'datasets<=4.0.0,>=2.16.0' einops fastapi fire 'gradio<=5.50.0,>=4.38.0' hf-transfer 'matplotlib>=3.7.0' \
-        modelscope numpy omegaconf packaging pandas 'peft<=0.18.1,>=0.18.0' protobuf pydantic pyyaml safetensors \
-        scipy sentencepiece sse-starlette tiktoken 'torchdata<=0.11.0,>=0.10.0' \
-        'transformers!=4.52.0,!=4.57.0,<=5.6.0,>=4.55.0' 'trl<=0.24.0,>=0.18.0' 'tyro<0.9.0' uvicorn
+    printf 'torch==2.13.0\ntransformers==5.6.0\npeft==0.18.1\naccelerate==1.11.0\n' > lf-c.txt  # its caps
+    unzip -p llamafactory-0.9.5-py3-none-any.whl '*/METADATA' | sed -n 's/^Requires-Dist: //p' | grep -v extra \
+        | grep -vE '^(torch|torchvision|torchaudio)[<>=! ]' > lf-reqs.txt   # (pip download --no-deps llamafactory)
+    /work/peers/lf/bin/pip install -c lf-c.txt -r lf-reqs.txt
     /work/peers/lf/bin/pip install --no-deps llamafactory==0.9.5 torchaudio==2.11.1
-    rm /work/peers/lf/lib/python3.11/site-packages/torchaudio/lib/*.so   # links libc10_cuda: pure Python without
-    for v in swift lf; do /work/peers/$v/bin/pip install --no-deps torchvision==0.28.0   # qwen-vl-utils, transformers
-      sed -i 's/^@torch.library.register_fake("torchvision::\\(q\\?nms\\)")$/@(torch.library.register_fake(\
-    "torchvision::\\1") if torchvision.extension._has_ops() else (lambda f: f))/' \
-        /work/peers/$v/lib/python3.11/site-packages/torchvision/_meta_registrations.py; done
-    # (torchvision's _C.so cannot load beside CPU torch; its two unguarded nms fake kernels then raise at import)
+    rm /work/peers/lf/lib/python3.11/site-packages/torchaudio/lib/*.so   # need libc10_cuda; pure Python without
+    for v in swift lf; do /work/peers/$v/bin/pip install --no-deps torchvision==0.28.0
+      f=/work/peers/$v/lib/python3.11/site-packages/torchvision/_meta_registrations.py  # guard 2 unguarded fakes
+      sed -i 's/^@\(torch.library.register_fake("torchvision::q\?nms")\)$/@(\1 if torchvision.extension._has_ops() else lambda f: f)/' $f
+    done
 
-What each run gets: medvl the tiny_cpu recipe (vs_trainer.medvl_run); the peers the same samples in their own format
-(swift: a messages jsonl + a template registered with the tiny model's image-token ids, since swift's qwen2_5_vl
-template hard-codes Qwen's 151655; LLaMA-Factory: sharegpt json + dataset_info.json, template qwen2_vl) and a copy of
-the model folder with a preprocessor_config.json (with torchvision present, transformers builds a video processor
-from it). Steps, micro-batch 8, lr 1e-3, warmup 10, cosine, weight decay 0, max grad norm 1.0, max length 256, image
-pixels 3136-12544, fp32, sdpa, no gradient checkpointing, no packing, 0 dataloader workers, AdamW betas
-(0.9, 0.999); LoRA r16 alpha32 dropout 0.05 on medvl's language-model regex (LLaMA-Factory: lora_target all with the
-vision tower and projector frozen, the same 14 modules); full: every parameter trains on all three (medvl's tiny_cpu
-trains vision, projector, language and head; the peers' freeze_vit/aligner/vision_tower/projector are turned off).
-Each tool keeps its own optimizer implementation, collator and loss (listed in the facts table).
+The peers get the same samples in their own formats (swift: messages jsonl plus a template registered with the tiny
+model's image-token ids, as its qwen2_5_vl template hard-codes Qwen's 151655; LLaMA-Factory: sharegpt json plus
+dataset_info.json, template qwen2_vl), the model folder plus a preprocessor_config.json (with torchvision present,
+transformers builds a video processor from it), and medvl's settings: micro-batch 8, lr 1e-3, warmup 10, cosine,
+weight decay 0, max grad norm 1.0, AdamW betas (0.9, 0.999), max length 256, image pixels 3136-12544, fp32, sdpa, no
+gradient checkpointing, no packing, 0 loader workers. LoRA r16 alpha32 dropout 0.05 on the language model's 14 linear
+layers (swift: medvl's regex; LLaMA-Factory: lora_target all, vision tower and projector frozen). Full: every
+parameter trains, like medvl's tiny_cpu (the peers' vision/aligner/projector freezes turned off). Each tool keeps its
+own collator, loss and optimizer choice (the last table shows them; all three pick fused AdamW).
 
-What is measured, per run (runs interleaved round by round, medians and ranges over rounds):
+Measured per run, runs interleaved round by round, medians and (min-max) over rounds:
   loop   - each tool's own figure: medvl's samples_per_s at the last step, the peers' train_samples_per_second
-           (transformers Trainer); both are samples / seconds from the loop's start to its last step.
-  steady - the same definition for all: samples of steps SKIP+1..STEPS / time between the end of step SKIP and the end
-           of the last step, from a clock at each step's end (medvl: its scheduler step; peers: Trainer's
-           on_step_end callback), so first-step and loader start-up costs drop out.
+           (transformers' Trainer); both are samples / seconds from the loop's start to the end of its last step.
+  steady - one definition for all: samples of steps SKIP+1..STEPS / seconds from the end of step SKIP to the end of
+           the last, clocked at each step's end (medvl: its scheduler step; peers: the Trainer's on_step_end).
   wall   - the whole process, start-up included; "wall speed" = peer wall / medvl wall.
+  phases - ms per steady step in the DataLoader iterator, accelerate's backward, clip_grad_norm_ and optimizer step
+           (the same library calls in all three), and the rest (forward, loss, bookkeeping).
 Exit status 1 when medvl's steady loop is slower than a peer's (ratio < vs_trainer.TARGET).
 """
 
@@ -52,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,36 +60,60 @@ from tests.bench.vs_trainer import ALPHA, BATCH, DROPOUT, LR, R, TARGET, WARMUP,
 
 REPO = Path(__file__).resolve().parents[2]
 SKIP = 10  # the steady window starts after warm-up (10 steps), when every lazy start-up cost has been paid
-COMMON = {"steps": None, "batch": BATCH, "lr": LR, "warmup": WARMUP, "max_len": 256, "min_px": 3136, "max_px": 12544}
+PHASES = ("data", "backward", "clip", "optimizer")
 
-# Run inside a peer's own interpreter: clocks each step's end, keeps the Trainer's logs and the first batch's facts,
-# then runs the peer's own entry module as its CLI would.
-PROBE = r"""
+# Run first in every measured process (medvl's and the peers'): times the phases all three share (torch DataLoader
+# iterator, accelerate's backward, gradient clipping and optimizer step), clocks each step's end (stamp) and keeps
+# the first batch's facts.
+CLOCK = r"""
 import time
 t0 = time.perf_counter()
+import accelerate, accelerate.optimizer, torch
+from torch.utils.data import dataloader
+rec = {"stamps": [], "phases": [], "threads": torch.get_num_threads()}
+totals = dict.fromkeys(("data", "backward", "clip", "optimizer"), 0.0)
+def timed(cls, name, key, f):
+    def run(self, *a, **k):
+        if key == "optimizer":
+            o, d = self.optimizer, self.optimizer.defaults
+            rec.setdefault("optim", f"{type(o).__name__} fused={d.get('fused')} foreach={d.get('foreach')}")
+        t = time.perf_counter()
+        try:
+            return f(self, *a, **k)
+        finally:
+            totals[key] += time.perf_counter() - t
+    setattr(cls, name, run)
+for cls, name, key in ((dataloader._BaseDataLoaderIter, "__next__", "data"), (accelerate.Accelerator, "backward",
+        "backward"), (accelerate.Accelerator, "clip_grad_norm_", "clip"), (accelerate.optimizer.AcceleratedOptimizer,
+        "step", "optimizer")):
+    timed(cls, name, key, getattr(cls, name))
+def stamp():
+    rec["stamps"].append(time.perf_counter() - t0); rec["phases"].append(dict(totals))
+def facts(model, batch):
+    if "batch" not in rec:
+        ids, px = batch["input_ids"], batch.get("pixel_values")
+        rec["batch"] = {"rows": ids.shape[0], "width": ids.shape[1], "patches": None if px is None else px.shape[0],
+                        "image_tokens": int((ids == model.config.image_token_id).sum()),
+                        "supervised": int((batch["labels"] != -100).sum())}
+        rec["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rec["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+        rec["checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
+"""
+# A peer's own interpreter: the clock on the Trainer both peers build on (step end, logs, first batch), then the
+# peer's own entry module, as its CLI would run it.
+PROBE = CLOCK + r"""
 import atexit, json, os, runpy, sys
-import torch
 from transformers import Trainer
 from transformers.trainer_callback import CallbackHandler
-rec = {"stamps": [], "logs": [], "threads": torch.get_num_threads()}
+rec["logs"] = []
 def step_end(self, args, state, control, _f=CallbackHandler.on_step_end):
-    rec["stamps"].append(time.perf_counter() - t0); return _f(self, args, state, control)
+    stamp(); return _f(self, args, state, control)
 def on_log(self, args, state, control, logs, _f=CallbackHandler.on_log):
     rec["logs"].append({k: v for k, v in logs.items() if isinstance(v, (int, float))})
     return _f(self, args, state, control, logs)
-def first(self, model, inputs, *a, _f=Trainer.training_step, **k):
-    if "batch" not in rec:
-        ids, px = inputs["input_ids"], inputs.get("pixel_values")
-        rec["batch"] = {"rows": ids.shape[0], "width": ids.shape[1],
-                        "image_tokens": int((ids == model.config.image_token_id).sum()),
-                        "patches": None if px is None else px.shape[0],
-                        "supervised": int((inputs["labels"] != -100).sum())}
-        rec["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rec["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-        rec["optim"] = getattr(self.args.optim, "value", str(self.args.optim))
-        rec["checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
-    return _f(self, model, inputs, *a, **k)
-CallbackHandler.on_step_end, CallbackHandler.on_log, Trainer.training_step = step_end, on_log, first
+def training_step(self, model, inputs, *a, _f=Trainer.training_step, **k):
+    facts(model, inputs); return _f(self, model, inputs, *a, **k)
+CallbackHandler.on_step_end, CallbackHandler.on_log, Trainer.training_step = step_end, on_log, training_step
 atexit.register(lambda: open(os.environ["VS_PEERS_OUT"], "w").write(json.dumps(rec)))
 module, sys.argv = sys.argv[1], [sys.argv[1]] + sys.argv[2:]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -107,8 +128,8 @@ def write_peer_inputs(root: Path) -> dict:
     peer_model = root / "tiny-peer"
     peer_model.mkdir(exist_ok=True)
     for f in (root / "tiny").iterdir():
-        if not (peer_model / f.name).exists():
-            (peer_model / f.name).symlink_to(f)
+        (peer_model / f.name).unlink(missing_ok=True)
+        (peer_model / f.name).symlink_to(f)
     image_proc = json.loads((root / "tiny" / "processor_config.json").read_text())["image_processor"]
     (peer_model / "preprocessor_config.json").write_text(json.dumps(image_proc))
     rows = [json.loads(line) for shard in sorted((root / "data").glob("data-*.jsonl")) for line in open(shard)]
@@ -134,8 +155,8 @@ def swift_args(root: Path, method: str, steps: int, regex: str) -> list[str]:
     out = root / f"swift-{method}"
     args = {"model": root / "tiny-peer", "model_type": "qwen2_5_vl", "template": "qwen2_5_vl_tiny",
             "custom_register_path": root / "swift_tiny_template.py", "dataset": root / "swift.jsonl",
-            "tuner_type": method, "max_steps": steps, "per_device_train_batch_size": BATCH,
-            "gradient_accumulation_steps": 1, "learning_rate": LR, "warmup_steps": WARMUP, "lr_scheduler_type": "cosine",
+            "tuner_type": method, "max_steps": steps, "per_device_train_batch_size": BATCH, "learning_rate": LR,
+            "gradient_accumulation_steps": 1, "warmup_steps": WARMUP, "lr_scheduler_type": "cosine",
             "weight_decay": 0, "max_grad_norm": 1.0, "adam_beta2": 0.999, "max_length": 256, "torch_dtype": "float32",
             "attn_impl": "sdpa", "gradient_checkpointing": "false", "packing": "false", "dataloader_num_workers": 0,
             "split_dataset_ratio": 0, "save_strategy": "no", "eval_strategy": "no", "logging_steps": 10,
@@ -167,44 +188,32 @@ def lf_args(root: Path, method: str, steps: int) -> list[str]:
 
 
 def medvl_child(root: str, method: str, steps: int) -> None:
-    """One medvl run (vs_trainer.medvl_run) with a clock at each scheduler step (each step's end) and the first
-    batch's facts, like the peers' probe."""
-    t0 = time.perf_counter()
+    """One medvl run (vs_trainer.medvl_run) under the same clock: a stamp at each scheduler step (each step's end),
+    the first batch's facts at its loss."""
+    clock: dict = {}
+    exec(CLOCK, clock)
     import torch
 
     import medvl.engine.train as engine
 
     torch.set_num_threads(1)
-    rec: dict = {"stamps": [], "threads": torch.get_num_threads(), "dtype": "float32", "checkpointing": False}
-    build_scheduler, build_optimizer, loss = engine.build_scheduler, engine.build_optimizer, engine.token_loss_sum
+    rec, build_scheduler, loss = clock["rec"], engine.build_scheduler, engine.token_loss_sum
 
     def clocked(*a, **k):
         sched = build_scheduler(*a, **k)
         step = sched.step
-        sched.step = lambda *x, **y: (step(*x, **y), rec["stamps"].append(time.perf_counter() - t0))[0]
+        sched.step = lambda *x, **y: (step(*x, **y), clock["stamp"]())[0]
         return sched
 
-    def optimizer(*a, **k):
-        opt = build_optimizer(*a, **k)
-        rec["optim"] = f"{type(opt).__name__}{' fused' if opt.defaults.get('fused') else ''}"
-        return opt
-
     def first(model, family, batch, **k):
-        if "batch" not in rec:
-            ids, px = batch["input_ids"], batch.get("pixel_values")
-            rec["batch"] = {"rows": ids.shape[0], "width": ids.shape[1],
-                            "image_tokens": int((ids == model.config.image_token_id).sum()),
-                            "patches": None if px is None else px.shape[0],
-                            "supervised": int((batch["labels"] != -100).sum())}
+        clock["facts"](model, batch)
         return loss(model, family, batch, **k)
 
-    engine.build_scheduler, engine.build_optimizer, engine.token_loss_sum = clocked, optimizer, first
+    engine.build_scheduler, engine.token_loss_sum = clocked, first
     res = medvl_run(Path(root), method, steps)
-    out = Path(root) / f"medvl-{method}"
-    events = [e for e in map(json.loads, open(out / "metrics.jsonl")) if e["kind"] == "train"]
-    table = json.loads((out / "trainability.json").read_text())
-    print(json.dumps(dict(rec, loop=res["loop"], losses=[events[0]["loss"], events[-1]["loss"]],
-                          trainable=sum(int(r.get("trainable") or 0) for r in table))))
+    events = [e for e in map(json.loads, open(Path(root) / f"medvl-{method}" / "metrics.jsonl"))
+              if e["kind"] == "train"]
+    print(json.dumps(dict(rec, loop=res["loop"], losses=[events[0]["loss"], events[-1]["loss"]])))
 
 
 def measure(root: Path, tool: str, method: str, steps: int, exe: dict) -> dict:
@@ -212,7 +221,8 @@ def measure(root: Path, tool: str, method: str, steps: int, exe: dict) -> dict:
            "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "",
            "HF_DATASETS_CACHE": str(root / "hf-datasets"), "MODELSCOPE_CACHE": str(root / "modelscope"),
            "MIN_PIXELS": "3136", "MAX_PIXELS": "12544", "VS_PEERS_OUT": str(root / "probe.json")}
-    if tool == "medvl":
+    if tool == "medvl":  # medvl refuses to train over a finished run (vs_trainer.medvl_run keeps no overwrite)
+        shutil.rmtree(root / f"medvl-{method}", ignore_errors=True)
         cmd = [sys.executable, "-c", f"from tests.bench.vs_peers import medvl_child; "
                                      f"medvl_child({str(root)!r}, {method!r}, {steps})"]
     else:
@@ -230,15 +240,22 @@ def measure(root: Path, tool: str, method: str, steps: int, exe: dict) -> dict:
         losses = [x["loss"] for x in rec["logs"] if "loss" in x]
         rec.update(loop=[x for x in rec["logs"] if "train_samples_per_second" in x][-1]["train_samples_per_second"],
                    losses=[losses[0], losses[-1]])
-    stamps = rec.pop("stamps")
+    stamps, phases = rec.pop("stamps"), rec.pop("phases")
     if len(stamps) != steps:
         raise SystemExit(f"{tool}-{method}: {len(stamps)} step clocks for {steps} steps")
-    rec.update(steady=BATCH * (steps - SKIP) / (stamps[-1] - stamps[SKIP - 1]), wall=wall, first_step=stamps[0])
+    window = stamps[-1] - stamps[SKIP - 1]
+    rec.update(steady=BATCH * (steps - SKIP) / window, wall=wall, first_step=stamps[0], step=window / (steps - SKIP),
+               **{k: (phases[-1][k] - phases[SKIP - 1][k]) / (steps - SKIP) for k in PHASES})
+    rec["rest"] = rec["step"] - sum(rec[k] for k in PHASES)
     if not rec["losses"][-1] < rec["losses"][0]:
         raise SystemExit(f"{tool}-{method} did not train: loss {rec['losses']}")
     if rec["batch"]["image_tokens"] * 4 != rec["batch"]["patches"]:  # 2x2 patches merge into one token
         raise SystemExit(f"{tool}-{method}: image tokens and vision patches disagree: {rec['batch']}")
     return rec
+
+
+def med(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
 
 
 def spread(xs: list[float]) -> str:
@@ -253,15 +270,20 @@ def report(results: dict, rounds: int, steps: int) -> list[str]:
     slow = []
     for (tool, method), rs in results.items():
         m, col = results[("medvl", method)], (lambda key: spread([r[key] for r in rs]))
-        ratio = {k: statistics.median(r[k] for r in m) / statistics.median(r[k] for r in rs) for k in ("loop", "steady")}
-        wall = statistics.median(r["wall"] for r in rs) / statistics.median(r["wall"] for r in m)
+        ratio = {k: med(m, k) / med(rs, k) for k in ("loop", "steady")}
+        wall = med(rs, "wall") / med(m, "wall")
         cells = ["", "", ""] if tool == "medvl" else [f"{ratio['loop']:.2f}", f"{ratio['steady']:.2f}", f"{wall:.2f}"]
         print(f"{tool + '-' + method:<18} {col('loop'):>17} {col('steady'):>17} {cells[0]:>10} {cells[1]:>12} "
               f"{col('wall'):>15} {cells[2]:>10} {col('first_step'):>14}")
         if tool != "medvl" and ratio["steady"] < TARGET:
             slow.append(f"{tool}-{method}")
-    print(f"\n{'run':<18} {'trainable':>9} {'threads':>7} {'logged loss':>16}  first batch: rows x width, image tokens, "
-          "vision patches, supervised tokens; dtype; optimizer; gradient checkpointing")
+    print(f"\nms per step over steps {SKIP + 1}-{steps} (medians): data = DataLoader iterator (load, encode, "
+          "collate); rest = forward, loss, zero_grad, scheduler, bookkeeping")
+    print(f"{'run':<18} " + " ".join(f"{k:>9}" for k in (*PHASES, "rest", "step")))
+    for (tool, method), rs in results.items():
+        print(f"{tool + '-' + method:<18} " + " ".join(f"{med(rs, k) * 1e3:>9.2f}" for k in (*PHASES, "rest", "step")))
+    print(f"\n{'run':<18} {'trainable':>9} {'threads':>7} {'logged loss':>16}  first batch: rows x width, image "
+          "tokens, vision patches, supervised tokens; dtype; optimizer; gradient checkpointing")
     for (tool, method), rs in results.items():
         r, b = rs[-1], rs[-1]["batch"]
         print(f"{tool + '-' + method:<18} {r['trainable']:>9,} {r['threads']:>7} {r['losses'][0]:>6.3f} -> "
@@ -287,9 +309,8 @@ def run(rounds: int, steps: int, peers: dict[str, str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--swift", default=os.environ.get("MEDVL_BENCH_SWIFT"), help="the `swift` script of a venv")
-    ap.add_argument("--llamafactory", default=os.environ.get("MEDVL_BENCH_LLAMAFACTORY"),
-                    help="the `llamafactory-cli` script of a venv")
+    ap.add_argument("--swift", default=os.environ.get("MEDVL_BENCH_SWIFT"))
+    ap.add_argument("--llamafactory", default=os.environ.get("MEDVL_BENCH_LLAMAFACTORY"))
     ap.add_argument("rounds", nargs="?", type=int, default=3)
     ap.add_argument("steps", nargs="?", type=int, default=100)
     a = ap.parse_args(argv)
