@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench gpu-check completions clean
+.PHONY: demo test test-fast bench bench-peers gpu-check completions clean
 
 # Reinstall when the dependency list changes; editable install, so code edits need nothing. The exact verified
 # versions come from medvl/constraints.txt (pyproject.toml declares only ranges, for users' own GPU boxes).
@@ -25,6 +25,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m tests.bench.run_all
+
+# medvl's training loop beside ms-swift's and LLaMA-Factory's, each in its own venv (install commands in
+# tests/bench/vs_peers.py): make bench-peers SWIFT=VENV/bin/swift LLAMAFACTORY=VENV/bin/llamafactory-cli
+# (or MEDVL_BENCH_SWIFT / MEDVL_BENCH_LLAMAFACTORY in the environment); says "skipped" when neither is given.
+bench-peers: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m tests.bench.vs_peers $(if $(SWIFT),--swift $(SWIFT)) \
+		$(if $(LLAMAFACTORY),--llamafactory $(LLAMAFACTORY))
 
 # On a CUDA machine: bf16 full/LoRA/QLoRA steps of a 2-layer Qwen2.5-VL at the 7B's widths, packed vs padded,
 # flash-attention, DeepSpeed ZeRO-2/3 on 2 GPUs, generation; PASS/FAIL/SKIP per case (tests/bench/gpu_check.py).
