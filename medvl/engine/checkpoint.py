@@ -40,6 +40,7 @@ class Resumable:
     scheduler: object
     position: object
     recipe: object = None  # saved with each checkpoint: what a resume compares its own recipe against
+    health: object = None  # the run's guards.Collapse: which checkpoints are known good (never saved)
 
     def json_state(self) -> dict:
         state = {"scheduler": self.scheduler.state_dict(), "position": self.position.state_dict()}
@@ -61,13 +62,14 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:06d}"
     partial = root / f".step-{step:06d}.partial"
-    guards.check_finite_state(accelerator, resumable.model, resumable.optimizer, step, run_dir)
-    need = guards.check_free_space(accelerator, root, resumable.model, resumable.optimizer, run_dir)
+    guards.check_finite_state(accelerator, resumable.model, resumable.optimizer, step, run_dir, resumable.health)
+    need = guards.check_free_space(accelerator, root, resumable.model, resumable.optimizer, run_dir,
+                                   resumable.health)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    with guards.disk_full_diagnosis(partial, need, run_dir):
+    with guards.disk_full_diagnosis(partial, need, run_dir, resumable.health):
         accelerator.save_state(str(partial))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

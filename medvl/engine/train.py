@@ -107,7 +107,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                                 kind=recipe.optim.scheduler, floor=recipe.optim.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     position = _Position()
-    resumable = ckpt.Resumable(model, optimizer, scheduler, position, recipe)
+    collapse = guards.Collapse(accelerator.unwrap_model(model), run_dir)  # also the run's health record
+    resumable = ckpt.Resumable(model, optimizer, scheduler, position, recipe, health=collapse)
     ckpt.save_trainable_only(accelerator)
 
     start = 0
@@ -149,8 +150,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         dtype = next(p for p in model.parameters()).dtype
 
         result = RunResult(run_dir, run_dir / "final", start, table=table)
-        guard = _Guard(sink, run_dir)
-        collapse = guards.Collapse(accelerator.unwrap_model(model), run_dir)
+        guard = _Guard(sink, run_dir, collapse)
         micro_iter = iter(loader)
         t_start, tokens_seen, samples_seen, inputs_seen = time.perf_counter(), 0, 0, 0
         model.train()
@@ -180,7 +180,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                         loss = summed / window_tokens * accelerator.num_processes * recipe.train.grad_accum
                     accelerator.backward(loss)
             grad_norm = _clip(accelerator, model, recipe.optim.max_grad_norm)
-            with guards.optimizer_overflow(step + 1, run_dir):
+            with guards.optimizer_overflow(step + 1, run_dir, collapse):
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -295,9 +295,10 @@ def _recipe_sha256(recipe) -> str:
 class _Guard:
     """Stops on NaN/inf with a diagnosis; warns on windows with nothing to learn and on a loss stuck at zero."""
 
-    def __init__(self, sink, run_dir):
+    def __init__(self, sink, run_dir, health):
         self.sink = sink
         self.run_dir = run_dir
+        self.health = health
         self.zero_run = 0
 
     def check(self, step, loss, grad_norm, tokens, n_rejected, rejected):
@@ -309,7 +310,8 @@ class _Guard:
             return
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
-            raise guards.diverged(f"the {what} became {loss if what == 'loss' else grad_norm}", step, self.run_dir)
+            raise guards.diverged(f"the {what} became {loss if what == 'loss' else grad_norm}", step, self.run_dir,
+                                  watch=self.health)
         self.zero_run = self.zero_run + 1 if loss == 0.0 else 0
         if self.zero_run == 3:
             self.sink.log({"kind": "warning", "step": step, "code": "loss_zero",
