@@ -27,12 +27,12 @@ WORKERS = int(os.environ.get("MEDVL_BENCH_WORKERS", "0"))  # data loader worker 
 TARGET = 1.0  # never slower than the Trainer; medians of 3 runs on a shared 2-core machine swing by ~10 %
 
 
-def setup(root: Path) -> None:
+def setup(root: Path, n: int = 2400) -> None:
     from medvl.tiny import build_tiny
     from tests.bench.train_throughput import prepare_bench_data
 
     build_tiny("qwen2.5-vl", root / "tiny")
-    prepare_bench_data(root, False, 2400, root / "data")
+    prepare_bench_data(root, False, n, root / "data")
 
 
 def medvl_run(root: Path, method: str, steps: int) -> dict:
@@ -42,10 +42,11 @@ def medvl_run(root: Path, method: str, steps: int) -> dict:
     out = root / f"medvl-{method}"
     extra = [f"lora.r={R}", f"lora.alpha={ALPHA}", f"lora.dropout={DROPOUT}"] if method == "lora" else []
     recipe = load_recipe("tiny_cpu", [f"model.base={root / 'tiny'}", f"data.train=[{root / 'data'}]",
-                                      f"output.dir={out}", f"train.max_steps={steps}", "train.save_every=null",
+                                      f"output.dir={out}", "output.overwrite=true", f"train.max_steps={steps}", "train.save_every=null",
                                       "train.eval_every=null", "data.val_fraction=null", "data.packing=false",
                                       f"train.micro_batch_size={BATCH}", f"optim.lr={LR}",
-                                      f"optim.warmup_steps={WARMUP}", "train.log_every=100000", f"method={method}", f"data.num_workers={WORKERS}",
+                                      f"optim.warmup_steps={WARMUP}", "train.log_every=100000", f"method={method}",
+                                      f"data.num_workers={WORKERS}",
                                       *extra])
     train(recipe)
     last = [e for e in map(json.loads, open(out / "metrics.jsonl")) if e["kind"] == "train"][-1]
@@ -118,11 +119,11 @@ def measure(root: Path, run: str, steps: int) -> dict:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]), wall=time.perf_counter() - t0)
 
 
-def run(rounds: int, steps: int) -> dict:
+def run(rounds: int, steps: int, n: int = 2400, judge: bool = True) -> dict:
     results: dict[str, list[dict]] = {r: [] for r in RUNS}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        setup(root)
+        setup(root, n)
         for i in range(rounds):
             for r in RUNS:
                 results[r].append(measure(root, r, steps))
@@ -138,7 +139,7 @@ def run(rounds: int, steps: int) -> dict:
         if m["loop"] / t["loop"] < TARGET:
             slow.append(method)
     print(f"target: loop ratio >= {TARGET} (issue 15's goal: >= 1.1)")
-    if slow:
+    if slow and judge:
         raise SystemExit(f"medvl's loop is slower than the Trainer's: {', '.join(slow)}")
     return med
 
