@@ -229,6 +229,34 @@ def test_bad_images_get_their_400_without_reaching_the_worker(tiny_dir, tmp_path
     assert reached == [] and batcher.batches == 0
 
 
+def test_an_image_still_decoding_at_the_deadline_is_504_and_never_queued(tiny_dir, pngs, monkeypatch):
+    from starlette.testclient import TestClient
+
+    import medvl.server.images as images
+    from medvl import Chatbot
+    from medvl.server.app import create_app
+    from medvl.server.batching import Batcher
+    from medvl.server.protocol import Limits
+
+    release = threading.Event()
+    real = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda ref, limits: (release.wait(120), real(ref, limits))[1])
+    batcher = Batcher(Chatbot(tiny_dir("qwen2.5-vl"), device="cpu"), limits=Limits(timeout_s=0.5))
+    reached: list = []
+    batcher._answer = reached.extend
+    batcher.start()
+    try:
+        with TestClient(create_app(batcher, model_name="m")) as http:
+            got = http.post("/v1/chat/completions", json={"model": "m", "stream": True, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "q"},
+                                             {"type": "image_url", "image_url": {"url": data_url(pngs[0])}}]}]})
+    finally:
+        release.set()
+        batcher.close()
+    assert got.status_code == 504 and got.json()["error"]["code"] == "timeout"
+    assert reached == []
+
+
 # ---------------------------------------------------------------------------------------------------------
 # a live server
 

@@ -86,16 +86,22 @@ def create_app(batcher: Batcher, *, model_name: str, api_key: str | None = None,
     async def chat_completions(request: Request):
         try:
             check_key(request)
-            req = await asyncio.to_thread(check, await read_body(request))
+            data = await read_body(request)
+            started = time.perf_counter()  # the deadline (--timeout) counts checking and image decoding too
+            req = await asyncio.to_thread(check, data)
             if req.images:  # decoded in the batcher's image threads; a bad image is this request's 400
-                await asyncio.wrap_future(batcher.load_images(req))
+                left = started + limits.timeout_s - time.perf_counter()
+                try:
+                    await asyncio.wait_for(asyncio.wrap_future(batcher.load_images(req)), max(0.001, left))
+                except asyncio.TimeoutError:
+                    raise _timed_out() from None
         except ApiError as exc:
             return error(exc)
         except ClientDisconnect:
             return JSONResponse({}, status_code=499)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        job = Job(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        job = Job(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), submitted=started)
         batcher.submit(job)
         cid = completion_id()
         if not req.stream:
@@ -119,8 +125,11 @@ async def _next(job: Job, events: asyncio.Queue, deadline: float) -> Event:
         return await asyncio.wait_for(events.get(), timeout=max(0.001, left))
     except asyncio.TimeoutError:
         job.cancelled.set()  # the row leaves its batch at the next token
-        raise ApiError(504, "the answer took longer than this server's request timeout", type="timeout",
-                       code="timeout") from None
+        raise _timed_out() from None
+
+
+def _timed_out() -> ApiError:
+    return ApiError(504, "the answer took longer than this server's request timeout", type="timeout", code="timeout")
 
 
 async def _whole_answer(job, events, cid, model, limits, error):
