@@ -9,14 +9,14 @@ Decoding the whole answer at every token to find the new text costs O(n) per tok
 2,048-token answer decodes about two million tokens). Here each step decodes a window: the tokens of the last
 piece given out (the prefix, so that a tokenizer which spells a token differently at the start of a text, e.g.
 SentencePiece's leading space, spells it as inside the answer) plus the tokens not given out yet. The new text
-is the window's text past the prefix's text.
+is the window's text past the prefix's text (and once per piece the next prefix is decoded: a few tokens).
 
 A byte-level BPE token may hold part of a UTF-8 character (a Chinese character or an emoji is 3-4 bytes, often
 one byte per token): the decoder shows an incomplete trailing sequence as U+FFFD. Text is given out only when
 the window does not end in U+FFFD, i.e. at a character boundary; there the UTF-8 decoder's state is empty, so
 the pieces joined are exactly the decode of all tokens (tests/test_detokenize.py checks it on random token
-sequences, invalid byte runs included). The window stays a few tokens long: it grows only while every new token
-ends inside a character (at most 3 byte tokens for valid UTF-8).
+sequences, invalid byte runs included). The window stays a few tokens long: it grows only while each new token
+ends inside a character (an unfinished UTF-8 character is at most 3 bytes, so 3 byte tokens for plain text).
 """
 
 from __future__ import annotations

@@ -111,3 +111,25 @@ def test_the_servers_rows_stream_multibyte_answers_whole_and_stop_on_end_of_turn
     final = events[-1]
     assert final.done and final.finish_reason == "stop" and final.text == text.strip()
     assert final.completion_tokens == len(ids) + 1
+
+
+def test_chatbot_streams_through_it(tiny_dir):
+    """Chatbot.stream (medvl chat) decodes a few tokens per generated token, not the answer so far; only the
+    final answer text is decoded whole, once."""
+    from medvl import Chatbot
+    from medvl.inference import GenerationOptions
+
+    bot = Chatbot(tiny_dir("causal-lm"), device="cpu", options=GenerationOptions(max_new_tokens=48))
+    calls: list[int] = []
+    decode = bot.tokenizer.decode
+
+    def counting(ids, **kw):
+        calls.append(len(ids))
+        return decode(ids, **kw)
+
+    bot.tokenizer.decode = counting
+    pieces = list(bot.stream("Describe the findings."))
+    n = bot.last.tokens
+    assert n > 20 and "".join(pieces).strip() == bot.last.text
+    streaming = calls[:-1]  # the last call is the reply's text, decoded whole once
+    assert calls[-1] >= n - 1 and len(streaming) >= n - 1 and max(streaming) <= 8
