@@ -8,8 +8,9 @@
 
 Generation runs `model.generate` in a thread with a token streamer; `stream` yields decoded text as it grows
 (never half a UTF-8 character; a few tokens decoded per token, medvl.detokenize). `stop()` (Esc in the app) ends
-the answer at the next token; the partial answer is kept. Prompts go through the family's own chat template, each image as one `<image>` block at the start of
-its user turn (medvl.data.collate), images loaded by the one loader (medvl.data.images, DICOM included).
+the answer at the next token; the partial answer is kept. Prompts go through the family's own chat template,
+each image as one `<image>` block at the start of its user turn (medvl.data.collate), images loaded by the one
+loader (medvl.data.images, DICOM included).
 
 KV cache. The conversation's cache is kept between turns; the next prompt re-uses the longest prefix of tokens
 whose keys/values are already in it (cropped there) and prefills only the rest. That is exact (the same
