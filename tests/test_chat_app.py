@@ -79,6 +79,45 @@ def test_image_with_path_completion_then_a_streamed_answer(tiny_dir, png, tmp_pa
     asyncio.run(main())
 
 
+def type_ahead(app, text):
+    """Keys as a terminal hands over a fast typist's burst (one read): all queued before the app handles the
+    first. pilot.press waits for the app after every key, which hides races between keys."""
+    from textual import events
+    from textual.keys import _character_to_key
+
+    for ch in text:
+        app._driver.send_message(events.Key({"\t": "tab", "\r": "enter"}.get(ch) or _character_to_key(ch), ch))
+
+
+def test_tab_then_enter_typed_fast_sends_the_completed_path(tiny_dir, png, tmp_path, monkeypatch):
+    from medvl.tui.chat import ChatApp
+    from medvl.tui.chat_widgets import Thumbnail
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ux-scans").mkdir()
+    shutil.copy(png, tmp_path / "ux-scans" / "scan-0001.png")
+
+    async def main():
+        app = ChatApp(None, bots=bots(tiny_dir, "qwen2.5-vl"))
+        async with app.run_test(size=(80, 24)) as pilot:
+            prompt = app.query_one("#prompt")
+            # no pause between the keys: Tab completes the folder, a second Tab the file, Enter sends that line,
+            # and what follows Enter starts the next line instead of joining the one sent
+            type_ahead(app, "/image ux-\t\t\rWhat")
+            await settle(pilot, app)
+            assert "attached scan-0001.png" in notes(app)[-1], notes(app, error=True)
+            assert len(app.query(Thumbnail)) == 1 and prompt.value == "What"
+            prompt.value = ""
+            await pilot.press(*"/image ux-", "tab", "tab", "enter")  # the same with pilot's own key presses
+            await settle(pilot, app)
+            assert "attached scan-0001.png" in notes(app)[-1] and prompt.value == ""
+            assert app.focused is prompt  # Tab with nothing to complete never moves the focus off the prompt
+            await pilot.press("tab")
+            assert app.focused is prompt
+
+    asyncio.run(main())
+
+
 def test_undo_retry_and_save_then_prepare_data_reads_it(tiny_dir, png, tmp_path, monkeypatch):
     from medvl.data.prepare import prepare
     from medvl.tui.chat import ChatApp

@@ -135,8 +135,7 @@ class ChatApp(App):
     # -- input
 
     def on_input_submitted(self, event: PromptInput.Submitted) -> None:
-        line = event.value
-        event.input.value = ""
+        line = event.value  # the prompt has emptied itself (PromptInput: type-ahead goes to the next line)
         if self.session is None:
             if line.strip():
                 self.queued.append(line)
@@ -144,7 +143,8 @@ class ChatApp(App):
             return
         if self.running:
             self.note("the model is still answering: Esc stops it", error=True)
-            event.input.value = line
+            if not event.input.value:  # given back to edit or send again, unless the next line is being typed
+                event.input.value = line
             return
         self.submit(line)
 
