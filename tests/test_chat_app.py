@@ -118,6 +118,28 @@ def test_tab_then_enter_typed_fast_sends_the_completed_path(tiny_dir, png, tmp_p
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("width", [80, 120])
+def test_help_keeps_each_explanation_in_its_own_column(tiny_dir, width):
+    from medvl.session import COMMANDS
+    from medvl.tui.chat import ChatApp
+
+    async def main():
+        app = ChatApp(None, bots=bots(tiny_dir, "qwen2.5-vl"))
+        async with app.run_test(size=(width, 24)) as pilot:
+            await send(pilot, app, "/help")
+            shown = app.query(".note").last()
+            return [strip.text.rstrip() for strip in shown.render_lines(shown.region.reset_offset)]
+
+    lines = [line for line in asyncio.run(main()) if line]
+    starts = [line for line in lines if line.startswith("/")]
+    assert [line.split()[0] for line in starts] == list(COMMANDS)
+    column = starts[0].index("attach")  # where the explanations begin: the same on every line
+    assert all(line[column - 2:column] == "  " and line[column] != " " for line in starts)
+    folded = [line for line in lines if not line.startswith("/")]
+    assert all(line[:column].strip() == "" and line[column] != " " for line in folded)  # hanging indent
+    assert bool(folded) == (width == 80) and max(map(len, lines)) <= width
+
+
 def test_undo_retry_and_save_then_prepare_data_reads_it(tiny_dir, png, tmp_path, monkeypatch):
     from medvl.data.prepare import prepare
     from medvl.tui.chat import ChatApp

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from medvl.tui.chat_widgets import Answer, Note, PathSuggester, PromptInput, Thumbnail, UserMessage  # noqa: I001
+from medvl.tui.chat_widgets import Answer, CommandHelp, Note, PathSuggester, PromptInput, Thumbnail, UserMessage  # noqa: I001
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -19,7 +19,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Static
 
 from medvl.errors import MedvlError
-from medvl.session import COMMANDS
+from medvl.session import COMMANDS, help_rows
 
 HELLO = ("Ask about your images. /image PATH attaches one (TAB completes), /help lists the commands, "
          "Esc stops an answer, Ctrl-Q quits.")
@@ -168,7 +168,11 @@ class ChatApp(App):
                     found = col.query(cls)
                     if found:
                         found.last().remove()
-        if step.message:
+        if step.help:
+            for col in cols:
+                col.mount(CommandHelp(help_rows()))
+                col.scroll_end(animate=False)
+        elif step.message:
             self.note(step.message)
         if step.images and not step.streams:  # /image or /window: show what the model will see
             kind = "pending" if line.strip().startswith("/image") else "rewindowed"

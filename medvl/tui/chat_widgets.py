@@ -104,6 +104,21 @@ class Note(Static):
         super().__init__(text, classes="note error" if error else "note", markup=False, **kwargs)
 
 
+class CommandHelp(Static):
+    """/help: each command in a column of its own, its explanation wrapped in a second column beside it (a long
+    line folded back to the left edge at 80 columns and hid where the next command began)."""
+
+    def __init__(self, rows, **kwargs) -> None:
+        from rich.table import Table
+
+        table = Table(box=None, show_header=False, padding=(0, 2, 0, 0), expand=False)
+        table.add_column(no_wrap=True, style="bold")
+        table.add_column(overflow="fold")
+        for usage, what in rows:
+            table.add_row(usage, what)
+        super().__init__(table, classes="note help", **kwargs)
+
+
 class PathSuggester(Suggester):
     """A slash command's name; after /image, /save or /export the longest unambiguous completion of the path."""
 
