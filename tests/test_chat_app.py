@@ -213,7 +213,6 @@ def test_esc_stops_the_answer_and_the_session_goes_on(tiny_dir):
 
 def test_compare_mode_answers_in_two_columns(tiny_dir, png, tmp_path, monkeypatch):
     from medvl.tui.chat import ChatApp
-    from medvl.tui.chat_widgets import Answer
 
     monkeypatch.chdir(tmp_path)
     pair = bots(tiny_dir, "qwen2.5-vl", "llava")
@@ -225,12 +224,48 @@ def test_compare_mode_answers_in_two_columns(tiny_dir, png, tmp_path, monkeypatc
             await settle(pilot, app)
             assert len(app.query(".column-title")) == 2
             await send(pilot, app, "What shape?")
-            got = [c.query(Answer).last().text for c in app.columns()]
+            got = [a.text for a in app.answers()]
             assert got == expected
             app.save_screenshot(str(tmp_path / "compare.svg"))
 
     asyncio.run(main())
     assert (tmp_path / "compare.svg").stat().st_size > 1000
+
+
+def test_compare_mode_columns_scroll_together(tiny_dir):
+    from textual.events import MouseScrollDown, MouseScrollUp
+
+    from medvl.tui.chat import ChatApp
+    from medvl.tui.chat_widgets import Answer
+
+    async def main():
+        app = ChatApp(None, bots=bots(tiny_dir, "causal-lm", "causal-lm", max_new_tokens=40))
+        async with app.run_test(size=(80, 24)) as pilot:
+            for question in ("First?", "Second?", "Third?"):  # three turns: far more than 24 rows
+                await send(pilot, app, question)
+            middle = app.size.width // 2
+            columns = [[a for a in app.query(Answer) if (a.region.x < middle) == (side == "A")] for side in "AB"]
+            assert [len(c) for c in columns] == [3, 3]
+            first_a, first_b = columns[0][0], columns[1][0]
+
+            def rows():
+                return first_a.region.y, first_b.region.y
+
+            at_end = rows()
+            assert at_end[0] < 0 and at_end[0] == at_end[1]  # scrolled to the latest turn, both firsts above
+            for _ in range(5):  # the wheel over B's latest answer
+                await pilot._post_mouse_events([MouseScrollUp], widget=columns[1][-1])
+            scrolled = rows()
+            assert scrolled[0] > at_end[0] and scrolled[0] == scrolled[1]  # A moved with B, turn beside turn
+            for _ in range(2):  # and over A's: B follows
+                await pilot._post_mouse_events([MouseScrollDown], widget=first_a)
+            back = rows()
+            assert at_end[0] <= back[0] < scrolled[0] and back[0] == back[1], (at_end, scrolled, back)
+            await pilot.press("pageup")  # the keys work too, with the focus staying on the prompt
+            paged = rows()
+            assert paged[0] > back[0] and paged[0] == paged[1] and app.focused is app.query_one("#prompt")
+
+    asyncio.run(main())
 
 
 def test_bad_input_is_a_message_not_a_crash(tiny_dir, tmp_path, monkeypatch):
