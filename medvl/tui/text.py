@@ -44,6 +44,9 @@ def describe(event) -> str | None:
         message, reason = event.message or "", event.reason or ""
         head = "stopped:" if not reason or message.startswith(reason) else f"stopped ({reason})"
         return f"[red]{head}[/] {message}".rstrip() + (f"  fix: {event.fix}" if event.fix else "")
+    if isinstance(event, m.StartEvent) and event.finished_at is not None:
+        return (f"[cyan]extending[/] the finished run from step {event.finished_at} to {event.total_steps} steps "
+                f"(resumed from {event.resumed_from or 'its last checkpoint'})")
     if isinstance(event, m.StartEvent):
         return (f"[cyan]resumed[/] at step {event.start_step} from {event.resumed_from or 'a checkpoint'}"
                 if event.is_resume else f"started: {event.total_steps} steps, {event.world_size} process(es)")
