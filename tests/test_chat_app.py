@@ -211,6 +211,41 @@ def test_esc_stops_the_answer_and_the_session_goes_on(tiny_dir):
     asyncio.run(main())
 
 
+def test_scrolled_up_the_view_stays_while_an_answer_streams(tiny_dir):
+    from medvl.tui.chat import ChatApp
+    from medvl.tui.chat_widgets import Answer
+
+    (bot,) = bots(tiny_dir, "causal-lm", max_new_tokens=50_000)
+    bot.eos = []  # never ends by itself (see the Esc test)
+    bot.context_limit = None
+
+    async def main():
+        app = ChatApp(None, bots=[bot])
+        async with app.run_test(size=(80, 24)) as pilot:
+            await send(pilot, app, "/help")  # something above to scroll back to
+            app.query_one("#prompt").value = "Tell me everything."
+            await pilot.press("enter")
+            view = app.conversation
+            for _ in range(400):  # until the answer fills more than a screen
+                await pilot.pause(0.05)
+                if app.query(Answer) and view.max_scroll_y > 30:
+                    break
+            assert app.running and view.scroll_y == view.max_scroll_y  # following the answer as it grows
+            await pilot.press("pageup", "pageup")
+            held = view.scroll_y
+            grown = view.max_scroll_y
+            for _ in range(20):  # a second more of tokens
+                await pilot.pause(0.05)
+            try:
+                assert view.max_scroll_y > grown and view.scroll_y == held  # the text grew, the reader stayed
+            finally:
+                await pilot.press("escape")  # a failed check must not leave 50k tokens generating
+            await settle(pilot, app)
+            assert view.scroll_y == held
+
+    asyncio.run(main())
+
+
 def test_compare_mode_answers_in_two_columns(tiny_dir, png, tmp_path, monkeypatch):
     from medvl.tui.chat import ChatApp
 

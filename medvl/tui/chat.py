@@ -229,17 +229,24 @@ class ChatApp(App):
                             "questions are sent once it is loaded)")
         if not self.running:
             return
+        following = self.following()
         moved = False
         for answer in self.answers():
             moved |= answer.drain()
-        if moved:
+        if moved and following:
             self.conversation.scroll_end(animate=False)
+
+    def following(self) -> bool:
+        """The view is at the end of the conversation: new text keeps it there. Scrolled up (PgUp, the wheel) to
+        read an earlier turn, it stays put while an answer streams in."""
+        return self.conversation.scroll_y >= self.conversation.max_scroll_y - 1
 
     def _answer_done(self) -> None:
         self.running -= 1
         if not self.running:
             self.set_status(self.status_text())
-            self.conversation.scroll_end(animate=False)
+            if self.following():
+                self.conversation.scroll_end(animate=False)
 
     def action_page(self, direction: int) -> None:
         if direction < 0:
