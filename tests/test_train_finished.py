@@ -69,6 +69,8 @@ def test_more_steps_extends_the_run_and_says_so(finished, tmp_path):
     assert [e.step for e in events if e.kind == "end"] == [4, 6]
     # what `medvl watch` shows in its event log for that line
     assert describe(starts[1]).startswith("[cyan]extending[/] the finished run from step 4 to 6 steps")
+    (change,) = [e for e in events if e.kind == "recipe_change"]
+    assert describe(change) == "step 4: recipe changed on resume: train.max_steps 4 -> 6"  # not a dict's repr
     # finished again, now at 6: the same command has nothing to do
     again = CliRunner().invoke(app, ["train", "tiny_cpu", *finished("train.max_steps=6"), "--resume", "auto"],
                                env={"COLUMNS": "300"})
