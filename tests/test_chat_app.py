@@ -262,6 +262,10 @@ def test_compare_mode_answers_in_two_columns(tiny_dir, png, tmp_path, monkeypatc
             got = [a.text for a in app.answers()]
             assert got == expected
             app.save_screenshot(str(tmp_path / "compare.svg"))
+            await send(pilot, app, "/retry")  # greedy: the same pair again, in place of the first
+            assert len(app.query(".answers")) == 1 and [a.text for a in app.answers()] == expected
+            await send(pilot, app, "/undo")
+            assert not app.query(".answers") and not app.query("UserMessage")
 
     asyncio.run(main())
     assert (tmp_path / "compare.svg").stat().st_size > 1000
