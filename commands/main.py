@@ -12,7 +12,7 @@ import sys
 import typer
 
 from medvl import __version__
-from medvl.commands.options import Command, Group
+from medvl.commands.help_format import Command, Group
 
 app = typer.Typer(
     name="medvl",

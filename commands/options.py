@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 
 # Keep in step with medvl.families.FAMILIES (tests/test_families.py checks it); duplicated here so that
 # completion never imports the families module.
@@ -52,21 +51,3 @@ PathArg = Annotated[Path, typer.Argument(show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout instead of tables.")]
 
-
-# typer 0.29 writes a value type after every option, so on/off flags read `--json <bool>`, as if they took a
-# value (`--json true`, which fails). Every command and group is built with these classes: flags show no type.
-def _flags_as_flags(params: list) -> list:
-    for param in params:
-        if getattr(param, "is_flag", False) and param.metavar is None:
-            param.metavar = ""  # typer shows a metavar, when set, instead of the type
-    return params
-
-
-class Command(TyperCommand):
-    def get_params(self, ctx) -> list:
-        return _flags_as_flags(super().get_params(ctx))
-
-
-class Group(TyperGroup):
-    def get_params(self, ctx) -> list:
-        return _flags_as_flags(super().get_params(ctx))

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import typer
 
-from medvl.commands.options import Command, Group, OverridesArg, RecipeArg
+from medvl.commands.help_format import Command, Group
+from medvl.commands.options import OverridesArg, RecipeArg
 from medvl.commands.ui import console, print_table
 
 EXAMPLES = """\

@@ -41,3 +41,30 @@ def test_a_flag_and_a_valued_option_side_by_side():
     lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ --")}
     assert re.search(r"--dry-run\s+Print the resolved recipe", lines["--dry-run"])
     assert re.search(r"--resume\s+<str>\s+'auto'", lines["--resume"])  # options that take a value keep theirs
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+@pytest.mark.parametrize("path", [p for p in command_paths() if p], ids=" ".join)
+def test_examples_never_fold_back_to_the_left_edge(path, columns):
+    """typer folded each example line as a paragraph: at 80-100 columns a `# comment` wrapped to column 1, where
+    the next example's command starts. Now every line either starts an example (at its margin) or is indented
+    further in, under the example it belongs to."""
+    from rich.text import Text
+
+    from medvl.commands.help_format import example_rows
+
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    if not command.epilog:
+        return
+    starts = [Text.from_markup(text).plain[:12] for _, text, _ in example_rows(command.epilog)[1:] if text]
+    out = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": str(columns)}).output
+    section = out[out.index(" Examples\n") + len(" Examples\n"):].splitlines()
+    shown = [line.rstrip() for line in section if line.strip()]
+    assert shown and all(len(line) <= columns for line in shown)
+    margin = min(len(line) - len(line.lstrip()) for line in shown)
+    for line in shown:
+        indent = len(line) - len(line.lstrip())
+        assert indent > margin or any(line.lstrip().startswith(s) for s in starts), line
+    assert margin >= 1
