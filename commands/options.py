@@ -50,4 +50,3 @@ FamilyOpt = Annotated[str, typer.Option(
 PathArg = Annotated[Path, typer.Argument(show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout instead of tables.")]
-
