@@ -49,6 +49,7 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     table: list[dict] = field(default_factory=list)
+    already_finished: bool = False  # resumed a finished run without asking for more steps: nothing was done
 
 
 def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int | None = None) -> RunResult:
@@ -65,6 +66,9 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                          fix="drop eval.every and run `medvl eval` on the checkpoints, or use ddp / deepspeed-zero2")
     bench_set = load_benchmark(recipe) if recipe.eval.every else None
     run_dir = prepare_run_dir(recipe, resume)  # cheap checks first: torch + accelerate take seconds to import
+    finished = ckpt.finished_run(run_dir, resume)
+    if finished is not None and finished.done_for(recipe):
+        return RunResult(run_dir, finished.final_dir, finished.step, already_finished=True)  # the run is untouched
     import torch
     from accelerate.utils import set_seed
 
@@ -101,6 +105,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     flops_token, peak = flops_per_token(model, family), peak_flops(accelerator.device, recipe.train.precision,
                                                                    recipe.model.dtype)
     total_steps = recipe.train.max_steps or max(1, int(batch_plan.steps_per_epoch * recipe.train.epochs))
+    if finished is not None and total_steps <= finished.step:  # epoch-based, its length known only now
+        return RunResult(run_dir, finished.final_dir, finished.step, table=table, already_finished=True)
     optimizer = build_optimizer(param_groups(model, family, plan, recipe.optim.weight_decay),
                                 betas=recipe.optim.betas, eps=recipe.optim.eps)
     scheduler = build_scheduler(optimizer, total=total_steps, warmup=recipe.optim.warmup_for(total_steps),
@@ -136,7 +142,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                 steps_per_epoch=batch_plan.steps_per_epoch, samples=len(train_ids),
                 dropped_per_epoch=batch_plan.dropped_per_epoch(), trainable_params=trainable_params(table), table=table,
                 distributed=accelerator.distributed_type.name, device=str(accelerator.device),
-                keep_last=recipe.train.keep_last, packing=packing_note, **process_facts()))
+                keep_last=recipe.train.keep_last, packing=packing_note,
+                finished_at=finished.step if finished is not None else None, **process_facts()))
             if changes:
                 sink.log(ckpt.recipe_change_event(start, changes))
 
