@@ -72,8 +72,9 @@ def evaluate(
                                           "image paths may point into (repeat for several).", show_default=False),
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate on medical VQA benchmarks: batched, resumable, scored the published way, as a reader would, and
-    strictly. To re-score answers already generated, without a model: `medvl score FILE`."""
+    """Evaluate on medical VQA benchmarks: batched, resumable, scored the published way, as a reader would, strictly.
+
+    To re-score answers already generated, without a model: `medvl score FILE`."""
     from transformers.utils import logging
 
     from medvl.evaluate.run import evaluate as run

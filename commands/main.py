@@ -12,9 +12,11 @@ import sys
 import typer
 
 from medvl import __version__
+from medvl.commands.help_format import Command, Group
 
 app = typer.Typer(
     name="medvl",
+    cls=Group,
     help="Build medical vision-language models from the terminal: convert, prepare-data, train, eval, chat, export.",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -78,7 +80,7 @@ GROUPS = {
 for _name, _fn in COMMANDS.items():
     # Examples shown under each command's help: the function's own, else its module's EXAMPLES.
     _examples = getattr(_fn, "examples", None) or getattr(sys.modules[_fn.__module__], "EXAMPLES", None)
-    app.command(_name, epilog=_examples)(_fn)
+    app.command(_name, epilog=_examples, cls=Command)(_fn)
 for _name, _group in GROUPS.items():
     app.add_typer(_group, name=_name)
 

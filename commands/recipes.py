@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from medvl.commands.help_format import Command, Group
 from medvl.commands.options import OverridesArg, RecipeArg
 from medvl.commands.ui import console, print_table
 
@@ -18,11 +19,11 @@ EXAMPLES = """\
   [cyan]medvl recipes validate my.yaml optim.lr=1e-5 train.grad_accum=16[/]   check a recipe + overrides, no GPU
 """
 
-app = typer.Typer(help="List, show and validate training recipes (YAML).", no_args_is_help=True,
+app = typer.Typer(help="List, show and validate training recipes (YAML).", no_args_is_help=True, cls=Group,
                   rich_markup_mode="rich", epilog=EXAMPLES)
 
 
-@app.command("list", epilog=EXAMPLES)
+@app.command("list", epilog=EXAMPLES, cls=Command)
 def list_recipes() -> None:
     """List the recipes shipped with medvl (use a name wherever a recipe is asked for)."""
     from rich.table import Table
@@ -37,7 +38,7 @@ def list_recipes() -> None:
     print_table(table)
 
 
-@app.command("show", epilog=EXAMPLES)
+@app.command("show", epilog=EXAMPLES, cls=Command)
 def show(recipe: RecipeArg) -> None:
     """Print a recipe's YAML (a shipped name or a file): with line numbers (as error messages cite them) on a
     terminal, as plain YAML otherwise, so `medvl recipes show NAME > my.yaml` starts a recipe of your own."""
@@ -56,7 +57,7 @@ def show(recipe: RecipeArg) -> None:
     console.print(Syntax(text, "yaml", line_numbers=True, word_wrap=True))
 
 
-@app.command("validate", epilog=EXAMPLES)
+@app.command("validate", epilog=EXAMPLES, cls=Command)
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Load a recipe with overrides and check every field and cross-field rule; prints what the run would do."""
     from rich.table import Table

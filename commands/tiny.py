@@ -22,6 +22,9 @@ def tiny(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
 ) -> None:
     """Build a random tiny model (real BPE tokenizer, chat template, processor) in save_pretrained layout."""
+    from medvl.commands.ui import quiet_library_progress_bars
+
+    quiet_library_progress_bars()  # transformers' "Writing model shards" bar: noise above the one line below
     from medvl.tiny import build_tiny
 
     model, _ = build_tiny(family, out, seed=seed, overwrite=overwrite, size=size)

@@ -48,6 +48,14 @@ def train(
 
         render_dry_run(plan_run(r, worker=worker))
         return
+    from pathlib import Path
+
+    from medvl.engine.checkpoint import finished_run
+
+    finished = finished_run(Path(r.output.dir), resume)  # before launching anything: it may have nothing to do
+    if finished is not None and finished.done_for(r):
+        console.print(finished.nothing_to_do())
+        return
     if tui:
         from medvl.tui.dashboard import train_with_dashboard
 

@@ -140,7 +140,11 @@ class TrainConsole:
 
         if isinstance(event, m.StartEvent):
             self.start = event
-            if event.is_resume:
+            if event.finished_at is not None:
+                self.console.print(f"[bold]extending[/] the finished run from step {event.finished_at} to "
+                                   f"{event.total_steps} steps: resumed from {event.resumed_from}; final/ is "
+                                   "replaced when it ends")
+            elif event.is_resume:
                 self.console.print(f"[bold]resumed[/] at step {event.start_step} from {event.resumed_from}")
             else:
                 self._print_table(event.table)

@@ -7,9 +7,10 @@
     bot.inference(query, image_paths)                  # the seed's single-turn signature
 
 Generation runs `model.generate` in a thread with a token streamer; `stream` yields decoded text as it grows
-(never half a UTF-8 character). `stop()` (Esc in the app) ends the answer at the next token; the partial answer
-is kept. Prompts go through the family's own chat template, each image as one `<image>` block at the start of
-its user turn (medvl.data.collate), images loaded by the one loader (medvl.data.images, DICOM included).
+(never half a UTF-8 character; a few tokens decoded per token, medvl.detokenize). `stop()` (Esc in the app) ends
+the answer at the next token; the partial answer is kept. Prompts go through the family's own chat template,
+each image as one `<image>` block at the start of its user turn (medvl.data.collate), images loaded by the one
+loader (medvl.data.images, DICOM included).
 
 KV cache. The conversation's cache is kept between turns; the next prompt re-uses the longest prefix of tokens
 whose keys/values are already in it (cropped there) and prefills only the rest. That is exact (the same
@@ -31,6 +32,7 @@ from pathlib import Path
 from medvl.errors import MedvlError
 from medvl.conversation import ChatImage, check_image
 from medvl.data.turns import stop_token_ids
+from medvl.detokenize import IncrementalDetokenizer
 from medvl.models import tokenizer_of
 from medvl.resolve import ModelSource, load_source, resolve_device, resolve_dtype, resolve_model
 
@@ -333,17 +335,17 @@ class Chatbot:
         thread = threading.Thread(target=run, name="medvl-generate", daemon=True)
         thread.start()
         new: list[int] = []
-        shown, drained = "", False
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True, skip_ids=self.eos)
+        drained = False
         try:
             while (chunk := tokens.get()) is not None:
                 if not new:
                     reply.first_token_s = time.perf_counter() - t0
                 new.extend(chunk)
-                text = self._decode(new)
-                if len(text) > len(shown) and not text.endswith("\ufffd"):  # never half a character
-                    piece, shown = text[len(shown):], text
+                piece = "".join(detok.add(t) for t in chunk)  # never half a character; a few tokens decoded
+                if piece:
                     yield piece
-            rest = self._decode(new)[len(shown):]
+            rest = detok.finish()
             if rest:  # bytes that never completed a character: shown as the decoder shows them
                 yield rest
             drained = True

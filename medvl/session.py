@@ -17,18 +17,33 @@ from pathlib import Path
 from medvl.conversation import ChatImage, export_markdown, parse_window, save_record
 from medvl.errors import MedvlError
 
-COMMANDS = {
-    "/image": "PATH   attach an image to your next question (TAB completes the path; several allowed)",
-    "/clear": "       start a new conversation (also frees the model's context)",
-    "/undo": "        remove the last question and its answer",
-    "/retry": "       answer the last question again",
-    "/system": "TEXT  set the system prompt (empty: the model's default)",
-    "/window": "W     DICOM window: lung, mediastinum, bone, brain, abdomen, CENTER/WIDTH, or file",
-    "/save": "FILE    append the conversation as one training record (prepare-data reads it)",
-    "/export": "FILE  write the conversation with its image paths as Markdown",
-    "/help": "        this list",
-    "/quit": "        leave",
+COMMANDS = {  # name: (argument, what it does); /help lays them out in two columns
+    "/image": ("PATH", "attach an image to your next question (TAB completes the path; several allowed)"),
+    "/clear": ("", "start a new conversation (also frees the model's context)"),
+    "/undo": ("", "remove the last question and its answer"),
+    "/retry": ("", "answer the last question again"),
+    "/system": ("TEXT", "set the system prompt (empty: the model's default)"),
+    "/window": ("W", "DICOM window: lung, mediastinum, bone, brain, abdomen, CENTER/WIDTH, or file"),
+    "/save": ("FILE", "append the conversation as one training record (prepare-data reads it)"),
+    "/export": ("FILE", "write the conversation with its image paths as Markdown"),
+    "/help": ("", "this list"),
+    "/quit": ("", "leave"),
 }
+
+
+def help_rows() -> list[tuple[str, str]]:
+    """(usage, what it does) per command: the app shows them as a two-column table."""
+    return [(f"{name} {arg}".rstrip(), what) for name, (arg, what) in COMMANDS.items()]
+
+
+def help_text(width: int = 80) -> str:
+    """The commands as plain text: usage in a column of its own, explanations wrapped under each other."""
+    import textwrap
+
+    rows = help_rows()
+    indent = " " * (max(len(usage) for usage, _ in rows) + 2)
+    return "\n".join(textwrap.fill(what, width, initial_indent=indent, subsequent_indent=indent)
+                     .replace(indent, f"{usage:<{len(indent)}}", 1) for usage, what in rows)
 
 
 @dataclass
@@ -41,6 +56,7 @@ class Step:
     undo: bool = False  # the UI should remove its last exchange
     retry: bool = False  # the UI should replace the last answer
     quit: bool = False
+    help: bool = False  # message is the command list: the app lays it out as a table (help_rows)
 
 
 class ChatSession:
@@ -163,7 +179,7 @@ class ChatSession:
         return Step(f"wrote {out}")
 
     def _help(self, arg: str) -> Step:
-        return Step("\n".join(f"{k} {v}" for k, v in COMMANDS.items()))
+        return Step(help_text(), help=True)
 
     def _quit(self, arg: str) -> Step:
         return Step(quit=True)

@@ -79,6 +79,67 @@ def test_image_with_path_completion_then_a_streamed_answer(tiny_dir, png, tmp_pa
     asyncio.run(main())
 
 
+def type_ahead(app, text):
+    """Keys as a terminal hands over a fast typist's burst (one read): all queued before the app handles the
+    first. pilot.press waits for the app after every key, which hides races between keys."""
+    from textual import events
+    from textual.keys import _character_to_key
+
+    for ch in text:
+        app._driver.send_message(events.Key({"\t": "tab", "\r": "enter"}.get(ch) or _character_to_key(ch), ch))
+
+
+def test_tab_then_enter_typed_fast_sends_the_completed_path(tiny_dir, png, tmp_path, monkeypatch):
+    from medvl.tui.chat import ChatApp
+    from medvl.tui.chat_widgets import Thumbnail
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ux-scans").mkdir()
+    shutil.copy(png, tmp_path / "ux-scans" / "scan-0001.png")
+
+    async def main():
+        app = ChatApp(None, bots=bots(tiny_dir, "qwen2.5-vl"))
+        async with app.run_test(size=(80, 24)) as pilot:
+            prompt = app.query_one("#prompt")
+            # no pause between the keys: Tab completes the folder, a second Tab the file, Enter sends that line,
+            # and what follows Enter starts the next line instead of joining the one sent
+            type_ahead(app, "/image ux-\t\t\rWhat")
+            await settle(pilot, app)
+            assert "attached scan-0001.png" in notes(app)[-1], notes(app, error=True)
+            assert len(app.query(Thumbnail)) == 1 and prompt.value == "What"
+            prompt.value = ""
+            await pilot.press(*"/image ux-", "tab", "tab", "enter")  # the same with pilot's own key presses
+            await settle(pilot, app)
+            assert "attached scan-0001.png" in notes(app)[-1] and prompt.value == ""
+            assert app.focused is prompt  # Tab with nothing to complete never moves the focus off the prompt
+            await pilot.press("tab")
+            assert app.focused is prompt
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_help_keeps_each_explanation_in_its_own_column(tiny_dir, width):
+    from medvl.session import COMMANDS
+    from medvl.tui.chat import ChatApp
+
+    async def main():
+        app = ChatApp(None, bots=bots(tiny_dir, "qwen2.5-vl"))
+        async with app.run_test(size=(width, 24)) as pilot:
+            await send(pilot, app, "/help")
+            shown = app.query(".note").last()
+            return [strip.text.rstrip() for strip in shown.render_lines(shown.region.reset_offset)]
+
+    lines = [line for line in asyncio.run(main()) if line]
+    starts = [line for line in lines if line.startswith("/")]
+    assert [line.split()[0] for line in starts] == list(COMMANDS)
+    column = starts[0].index("attach")  # where the explanations begin: the same on every line
+    assert all(line[column - 2:column] == "  " and line[column] != " " for line in starts)
+    folded = [line for line in lines if not line.startswith("/")]
+    assert all(line[:column].strip() == "" and line[column] != " " for line in folded)  # hanging indent
+    assert bool(folded) == (width == 80) and max(map(len, lines)) <= width
+
+
 def test_undo_retry_and_save_then_prepare_data_reads_it(tiny_dir, png, tmp_path, monkeypatch):
     from medvl.data.prepare import prepare
     from medvl.tui.chat import ChatApp
@@ -150,9 +211,43 @@ def test_esc_stops_the_answer_and_the_session_goes_on(tiny_dir):
     asyncio.run(main())
 
 
-def test_compare_mode_answers_in_two_columns(tiny_dir, png, tmp_path, monkeypatch):
+def test_scrolled_up_the_view_stays_while_an_answer_streams(tiny_dir):
     from medvl.tui.chat import ChatApp
     from medvl.tui.chat_widgets import Answer
+
+    (bot,) = bots(tiny_dir, "causal-lm", max_new_tokens=50_000)
+    bot.eos = []  # never ends by itself (see the Esc test)
+    bot.context_limit = None
+
+    async def main():
+        app = ChatApp(None, bots=[bot])
+        async with app.run_test(size=(80, 24)) as pilot:
+            await send(pilot, app, "/help")  # something above to scroll back to
+            app.query_one("#prompt").value = "Tell me everything."
+            await pilot.press("enter")
+            view = app.conversation
+            for _ in range(400):  # until the answer fills more than a screen
+                await pilot.pause(0.05)
+                if app.query(Answer) and view.max_scroll_y > 30:
+                    break
+            assert app.running and view.scroll_y == view.max_scroll_y  # following the answer as it grows
+            await pilot.press("pageup", "pageup")
+            held = view.scroll_y
+            grown = view.max_scroll_y
+            for _ in range(20):  # a second more of tokens
+                await pilot.pause(0.05)
+            try:
+                assert view.max_scroll_y > grown and view.scroll_y == held  # the text grew, the reader stayed
+            finally:
+                await pilot.press("escape")  # a failed check must not leave 50k tokens generating
+            await settle(pilot, app)
+            assert view.scroll_y == held
+
+    asyncio.run(main())
+
+
+def test_compare_mode_answers_in_two_columns(tiny_dir, png, tmp_path, monkeypatch):
+    from medvl.tui.chat import ChatApp
 
     monkeypatch.chdir(tmp_path)
     pair = bots(tiny_dir, "qwen2.5-vl", "llava")
@@ -164,12 +259,52 @@ def test_compare_mode_answers_in_two_columns(tiny_dir, png, tmp_path, monkeypatc
             await settle(pilot, app)
             assert len(app.query(".column-title")) == 2
             await send(pilot, app, "What shape?")
-            got = [c.query(Answer).last().text for c in app.columns()]
+            got = [a.text for a in app.answers()]
             assert got == expected
             app.save_screenshot(str(tmp_path / "compare.svg"))
+            await send(pilot, app, "/retry")  # greedy: the same pair again, in place of the first
+            assert len(app.query(".answers")) == 1 and [a.text for a in app.answers()] == expected
+            await send(pilot, app, "/undo")
+            assert not app.query(".answers") and not app.query("UserMessage")
 
     asyncio.run(main())
     assert (tmp_path / "compare.svg").stat().st_size > 1000
+
+
+def test_compare_mode_columns_scroll_together(tiny_dir):
+    from textual.events import MouseScrollDown, MouseScrollUp
+
+    from medvl.tui.chat import ChatApp
+    from medvl.tui.chat_widgets import Answer
+
+    async def main():
+        app = ChatApp(None, bots=bots(tiny_dir, "causal-lm", "causal-lm", max_new_tokens=40))
+        async with app.run_test(size=(80, 24)) as pilot:
+            for question in ("First?", "Second?", "Third?"):  # three turns: far more than 24 rows
+                await send(pilot, app, question)
+            middle = app.size.width // 2
+            columns = [[a for a in app.query(Answer) if (a.region.x < middle) == (side == "A")] for side in "AB"]
+            assert [len(c) for c in columns] == [3, 3]
+            first_a, first_b = columns[0][0], columns[1][0]
+
+            def rows():
+                return first_a.region.y, first_b.region.y
+
+            at_end = rows()
+            assert at_end[0] < 0 and at_end[0] == at_end[1]  # scrolled to the latest turn, both firsts above
+            for _ in range(5):  # the wheel over B's latest answer
+                await pilot._post_mouse_events([MouseScrollUp], widget=columns[1][-1])
+            scrolled = rows()
+            assert scrolled[0] > at_end[0] and scrolled[0] == scrolled[1]  # A moved with B, turn beside turn
+            for _ in range(2):  # and over A's: B follows
+                await pilot._post_mouse_events([MouseScrollDown], widget=first_a)
+            back = rows()
+            assert at_end[0] <= back[0] < scrolled[0] and back[0] == back[1], (at_end, scrolled, back)
+            await pilot.press("pageup")  # the keys work too, with the focus staying on the prompt
+            paged = rows()
+            assert paged[0] > back[0] and paged[0] == paged[1] and app.focused is app.query_one("#prompt")
+
+    asyncio.run(main())
 
 
 def test_bad_input_is_a_message_not_a_crash(tiny_dir, tmp_path, monkeypatch):

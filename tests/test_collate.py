@@ -222,3 +222,39 @@ def test_answer_ending_in_whitespace_keeps_the_templates_end_of_turn(qwen):
     enc = encode_record(rec, [], proc, fam)
     assert _trained_text(enc, proc) == "yes\n<|im_end|>"
     assert proc.tokenizer.decode(enc.input_ids).count("<|im_end|>") == 3  # system, user, assistant: none added
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def test_qwen_image_expansion_equals_the_processor(family, tiny_dir, monkeypatch):
+    """The Qwen-VL encoding skips the processor's text pass (collate._expand_qwen_images): ids, labels, token
+    types and pixel tensors must be exactly the processor's, for one and several images of different sizes,
+    multi-turn samples (with truncation) and an image inside an assistant turn."""
+    import medvl.data.collate as collate_mod
+    from medvl.models import apply_resolution
+
+    fam = get_family(family)
+    proc = load_processor(tiny_dir(family), fam)
+    apply_resolution(proc, fam, 3136, 50176)
+    big = Image.new("RGB", (300, 180), "white")
+    late = {"id": "late", "messages": [
+        {"role": "user", "content": "<image>first?"}, {"role": "assistant", "content": "a circle"},
+        {"role": "user", "content": "and this <image>"}, {"role": "assistant", "content": "see <image> here"}]}
+    cases = [(ONE, _images(1), None), (TWO, _images(2), None), (late, _images(2) + [big], None),
+             (late, _images(2) + [big], 60)]
+    fast_calls = []
+    real = collate_mod._expand_qwen_images
+    monkeypatch.setattr(collate_mod, "_expand_qwen_images", lambda *a: fast_calls.append(real(*a)) or fast_calls[-1])
+    fast = [encode_record(r, imgs, proc, fam, max_seq_len=m) for r, imgs, m in cases]
+    assert len(fast_calls) >= len(cases) and all(e is not None for e in fast_calls)  # the fast path ran, every time
+    monkeypatch.setattr(collate_mod, "_expand_qwen_images", lambda *a: None)  # the processor's own path
+    slow = [encode_record(r, imgs, proc, fam, max_seq_len=m) for r, imgs, m in cases]
+    for a, b in zip(fast, slow):
+        assert type(a) is type(b)
+        if not hasattr(a, "input_ids"):
+            assert (a.reason, a.message) == (b.reason, b.message)
+            continue
+        assert a.input_ids == b.input_ids and a.labels == b.labels
+        assert a.mm_token_type_ids == b.mm_token_type_ids and a.n_images == b.n_images
+        assert a.dropped_turns == b.dropped_turns and a.vision.keys() == b.vision.keys()
+        assert all(torch.equal(a.vision[k], b.vision[k]) for k in a.vision)
+    assert fast[3].dropped_turns == 2 and fast[2].n_images == 3  # truncation really cut, all images really ran

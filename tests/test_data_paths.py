@@ -81,3 +81,11 @@ def test_eval_cli_refuses_the_escape_before_loading_anything(tree, tiny_dir):
     proc = subprocess.run(args[:-1] + [str(tree / "taken")], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "COLUMNS": "300"})
     assert proc.returncode == 2 and "is a file, not a folder" in proc.stdout + proc.stderr
+
+
+def test_within_compares_whole_path_components():
+    from medvl.data.paths import within
+
+    assert within("/data/pmv", "/data/pmv") and within("/data/pmv/images/1.png", "/data/pmv")
+    assert not within("/data/pmv2/1.png", "/data/pmv") and not within("/data", "/data/pmv")
+    assert within("/etc/passwd", "/") and not within("/data/pm", "/data/pmv")

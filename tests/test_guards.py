@@ -86,11 +86,11 @@ def test_nan_never_reaches_a_checkpoint(tiny_dir, prepared_text, tmp_path, monke
     out = tmp_path / "run"
     real = engine.guards.check_finite_state
 
-    def poison(accelerator, model, optimizer, step, run_dir):
+    def poison(accelerator, model, optimizer, step, run_dir, watch):
         if step == 3:
             with torch.no_grad():
                 next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
-        return real(accelerator, model, optimizer, step, run_dir)
+        return real(accelerator, model, optimizer, step, run_dir, watch)
 
     monkeypatch.setattr(engine.guards, "check_finite_state", poison)
     with pytest.raises(MedvlError) as err:

@@ -19,8 +19,11 @@ def _encs(family, proc):
     return [encode_record(r, i, proc, fam) for r, i in pairs]
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["per-sample", "batched"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_segment_attention_packed_equals_unpacked(family, tiny_dir, monkeypatch):
+def test_segment_attention_packed_equals_unpacked(family, batched, tiny_dir, monkeypatch):
+    """Both ways of attending a packed row (one sdpa call per sample, or one over the samples right-padded)."""
+    monkeypatch.setattr(packing, "BATCHED_WORK_LIMIT", float("inf") if batched else 0.0)
     fam = get_family(family)
     model, proc = load_model(tiny_dir(family)).eval(), load_processor(tiny_dir(family))
     pad = getattr(proc, "tokenizer", proc).pad_token_id
@@ -43,6 +46,17 @@ def test_segment_attention_packed_equals_unpacked(family, tiny_dir, monkeypatch)
     assert len(text_calls) == model.config.get_text_config().num_hidden_layers
     bounds = [0] + packed_batch["seq_lens"].cumsum(0).tolist()
     assert all(c.tolist() == bounds for c in text_calls)
+    assert (text_calls[0]._medvl_layout.index is not None) == batched
+
+
+def test_layout_batches_samples_of_similar_length_only():
+    row = [0, 40, 85, 130]  # 40, 45, 45 tokens: 3 x 45^2 = 1.1x the exact work -> one padded call
+    lay = packing.segment_layout(row, 130, "cpu")
+    assert (lay.n, lay.longest) == (3, 45)
+    assert lay.index.tolist()[:46] == list(range(40)) + [39] * 5 + [40]  # sample 0 padded with its last token
+    assert lay.keep.tolist() == list(range(40)) + list(range(45, 135))
+    assert packing.segment_layout([0, 10, 160], 160, "cpu").index is None  # 2 x 150^2 = 4x the work: per sample
+    assert packing.segment_layout([0, 50], 50, "cpu").index is None  # one sample: nothing to batch
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).is_vision])
@@ -63,8 +77,10 @@ def test_sample_boundaries_never_reach_the_vision_tower(family, tiny_dir):
     assert seen and not any(seen)
 
 
-def test_segment_attention_gradients_equal_block_mask(tiny_dir):
+@pytest.mark.parametrize("batched", [False, True], ids=["per-sample", "batched"])
+def test_segment_attention_gradients_equal_block_mask(batched, tiny_dir, monkeypatch):
     """Training through per-sample sdpa gives the gradients of transformers' block-mask path."""
+    monkeypatch.setattr(packing, "BATCHED_WORK_LIMIT", float("inf") if batched else 0.0)
     family = "qwen2.5-vl"
     fam = get_family(family)
     proc = load_processor(tiny_dir(family))

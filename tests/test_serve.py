@@ -165,6 +165,98 @@ def test_waiting_requests_with_one_decoding_go_out_together(tiny_dir):
     assert batcher.batches == 2  # one greedy call, one call for the six sampled ones (was one call each)
 
 
+def test_a_slow_image_does_not_hold_up_other_requests_tokens(tiny_dir, pngs, monkeypatch):
+    """Images are decoded before a job is queued, not on the one worker: while an image's decode is held (the
+    decoder waits on an event), a text request sent after it is answered, token by token, in full."""
+    import medvl.server.images as images
+    from medvl import Chatbot
+    from medvl.server.batching import Batcher, Job
+    from medvl.server.protocol import ChatRequest, ImageRef, Limits, Message
+
+    decoding, release = threading.Event(), threading.Event()
+    real = images.decode_image
+
+    def slow_decode(ref, limits):
+        decoding.set()
+        release.wait(120)
+        return real(ref, limits)
+
+    monkeypatch.setattr(images, "decode_image", slow_decode)
+    batcher = Batcher(Chatbot(tiny_dir("qwen2.5-vl"), device="cpu"), limits=Limits(), window_s=0.01)
+    events: dict[str, list] = {"image": [], "text": []}
+    done = {name: threading.Event() for name in events}
+
+    def job(name, images_):
+        req = ChatRequest([Message("user", QUESTIONS[0], images_)], None, "m", MAX_NEW, None, None, None, True)
+        return Job(req, lambda ev: (events[name].append(ev), done[name].set() if ev.done else None))
+
+    batcher.start()
+    try:
+        batcher.submit(job("image", [ImageRef(data=Path(pngs[0]).read_bytes(), param="p")]))
+        assert decoding.wait(30)  # the image request is in its decode, held there
+        batcher.submit(job("text", []))
+        assert done["text"].wait(60), "the text request waited for another request's image"
+        assert not release.is_set() and events["image"] == []  # answered while the image was still decoding
+        assert events["text"][-1].error is None and len([e for e in events["text"] if e.delta]) > 1
+        release.set()
+        assert done["image"].wait(60)
+    finally:
+        release.set()
+        batcher.close()
+    assert events["image"][-1].error is None and events["image"][-1].text
+    assert batcher.batches == 2
+
+
+def test_bad_images_get_their_400_without_reaching_the_worker(tiny_dir, tmp_path):
+    from PIL import Image
+
+    from medvl import Chatbot
+    from medvl.server.batching import Batcher
+    from medvl.server.protocol import ChatRequest, ImageRef, Limits, Message
+
+    big = tmp_path / "big.png"
+    Image.new("L", (100, 100)).save(big)
+    batcher = Batcher(Chatbot(tiny_dir("qwen2.5-vl"), device="cpu"), limits=Limits(max_image_pixels=64 * 64),
+                      window_s=0.01)
+    reached: list = []
+    batcher._answer = reached.extend  # the worker's entry for a group of jobs
+    refs = [ImageRef(data=b"not an image", param="messages[0].content[1].image_url"),
+            ImageRef(path=str(big), param="messages[0].content[2].image_url")]
+    got = _collect(batcher, [ChatRequest([Message("user", "q", [ref])], None, "m", 4, None, None, None, False)
+                             for ref in refs])
+    assert [(ev.error.status, ev.error.code, ev.error.param) for ev in (got[0], got[1])] == [
+        (400, "image_undecodable", refs[0].param), (400, "image_too_large", refs[1].param)]
+    assert reached == [] and batcher.batches == 0
+
+
+def test_an_image_still_decoding_at_the_deadline_is_504_and_never_queued(tiny_dir, pngs, monkeypatch):
+    from starlette.testclient import TestClient
+
+    import medvl.server.images as images
+    from medvl import Chatbot
+    from medvl.server.app import create_app
+    from medvl.server.batching import Batcher
+    from medvl.server.protocol import Limits
+
+    release = threading.Event()
+    real = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda ref, limits: (release.wait(120), real(ref, limits))[1])
+    batcher = Batcher(Chatbot(tiny_dir("qwen2.5-vl"), device="cpu"), limits=Limits(timeout_s=0.5))
+    reached: list = []
+    batcher._answer = reached.extend
+    batcher.start()
+    try:
+        with TestClient(create_app(batcher, model_name="m")) as http:
+            got = http.post("/v1/chat/completions", json={"model": "m", "stream": True, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "q"},
+                                             {"type": "image_url", "image_url": {"url": data_url(pngs[0])}}]}]})
+    finally:
+        release.set()
+        batcher.close()
+    assert got.status_code == 504 and got.json()["error"]["code"] == "timeout"
+    assert reached == []
+
+
 # ---------------------------------------------------------------------------------------------------------
 # a live server
 
@@ -278,6 +370,21 @@ def test_errors_come_in_openais_shape(server, client, pngs):
             {"type": "text", "text": "q"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no").decode()}}]}])
     assert bad.value.body["code"] == "image_undecodable"
+    with pytest.raises(openai.BadRequestError) as bad:  # streamed too: a 400 status, not an error event
+        client.chat.completions.create(model="tiny", max_tokens=4, stream=True, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "q"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no").decode()}}]}])
+    assert bad.value.body["code"] == "image_undecodable"
+
+
+def test_an_image_above_the_pixel_limit_is_400(client, tmp_path):
+    import openai
+    from PIL import Image
+
+    Image.new("1", (4097, 4096)).save(tmp_path / "big.png")  # one pixel column above 4096 x 4096, ~30 kB
+    with pytest.raises(openai.BadRequestError) as bad:
+        ask(client, "q", tmp_path / "big.png", max_tokens=4)
+    assert bad.value.body["code"] == "image_too_large" and "4097x4096" in bad.value.body["message"]
 
 
 def test_a_body_over_the_limit_is_413(server, client):

@@ -94,3 +94,17 @@ def test_stock_processor_path_where_torchvision_imports(tiny_dir, monkeypatch):
     proc = load_processor(tiny_dir("qwen2.5-vl"))
     assert type(proc).__name__ == "Qwen2_5_VLProcessor" and not hasattr(proc, "video_processor")
     assert type(load_processor(tiny_dir("llava"))).__module__.startswith("transformers")  # no video part: stock
+
+
+def test_the_command_prints_its_line_and_no_library_progress_bar(tmp_path):
+    """transformers drew "Writing model shards: 0%|..." above medvl's own line: noise in a first command."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    medvl = Path(sys.executable).with_name("medvl")
+    proc = subprocess.run([str(medvl), "tiny", "--family", "causal-lm", "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "built tiny causal-lm model" in proc.stdout
+    assert "Writing model shards" not in proc.stderr + proc.stdout and "it/s" not in proc.stderr

@@ -40,6 +40,7 @@ class Resumable:
     scheduler: object
     position: object
     recipe: object = None  # saved with each checkpoint: what a resume compares its own recipe against
+    health: object = None  # the run's guards.Collapse: which checkpoints are known good (never saved)
 
     def json_state(self) -> dict:
         state = {"scheduler": self.scheduler.state_dict(), "position": self.position.state_dict()}
@@ -61,13 +62,14 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:06d}"
     partial = root / f".step-{step:06d}.partial"
-    guards.check_finite_state(accelerator, resumable.model, resumable.optimizer, step, run_dir)
-    need = guards.check_free_space(accelerator, root, resumable.model, resumable.optimizer, run_dir)
+    guards.check_finite_state(accelerator, resumable.model, resumable.optimizer, step, run_dir, resumable.health)
+    need = guards.check_free_space(accelerator, root, resumable.model, resumable.optimizer, run_dir,
+                                   resumable.health)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    with guards.disk_full_diagnosis(partial, need, run_dir):
+    with guards.disk_full_diagnosis(partial, need, run_dir, resumable.health):
         accelerator.save_state(str(partial))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -98,6 +100,65 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         raise MedvlError(f"{path} is not a complete medvl checkpoint (no trainer_state.json)", where=str(path),
                          fix=f"use --resume auto, or one of: {', '.join(p.name for p in list_checkpoints(run_dir)) or 'none yet'}")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resuming a run that already finished. `--resume auto` on it used to go on silently to whatever max_steps the
+# recipe now says (recorded only as a recipe_change): with the same steps it re-saved its last checkpoint and
+# final/ for nothing. Now the same (or fewer) steps is "nothing to do", and more steps is an announced extension.
+
+@dataclass
+class FinishedRun:
+    """A run whose last start was followed by its end: final/ holds the model of step `step`."""
+
+    step: int
+    final_dir: Path
+    steps_per_epoch: int | None  # as the finished run counted them: epoch-based recipes' total before data loads
+
+    def total_steps(self, recipe) -> int | None:
+        """The steps `recipe` asks for in all (None: epoch-based and the run never said its epoch length)."""
+        if recipe.train.max_steps:
+            return recipe.train.max_steps
+        return max(1, int(self.steps_per_epoch * recipe.train.epochs)) if self.steps_per_epoch else None
+
+    def done_for(self, recipe) -> bool:
+        """`recipe` asks for no step beyond the finished run's end (unknown before the data loads: False)."""
+        total = self.total_steps(recipe)
+        return total is not None and total <= self.step
+
+    def nothing_to_do(self) -> str:
+        return (f"already finished at step {self.step} (final model: {self.final_dir}); nothing to do — raise "
+                f"train.max_steps above {self.step} to train further")
+
+
+def finished_run(run_dir: Path, resume: str | None) -> FinishedRun | None:
+    """The finished run `resume` would continue from its end (auto, or its newest checkpoint named by path), or
+    None (not finished; no resume; resuming an earlier checkpoint re-trains from there, as asked). A finished run
+    that kept no checkpoint (train.save_every 0) cannot be continued: refused, as it would start over."""
+    from medvl.engine.metrics import EndEvent, StartEvent, parse_line
+
+    if resume in (None, "", "no", "none"):
+        return None
+    start = end = None
+    with contextlib.suppress(OSError), open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as f:
+        for line in f:
+            event = parse_line(line)
+            if isinstance(event, StartEvent):
+                start, end = event, None  # a later start (a resume) reopens the run
+            elif isinstance(event, EndEvent) and event.step is not None:
+                end = event
+    final = Path(end.final_dir) if end is not None and end.final_dir else Path(run_dir) / "final"
+    if end is None or not final.is_dir():
+        return None
+    found = resolve_resume(resume, run_dir)
+    if found is None:
+        raise MedvlError(f"run {run_dir} finished at step {end.step} but kept no checkpoint (train.save_every: 0), "
+                         "so it cannot be continued: --resume auto would start it over", where=str(run_dir),
+                         fix=f"train on from its final model in a new run: model.base={final} "
+                             "output.dir=ANOTHER_DIR (or start over with output.overwrite=true)")
+    if step_of(found) < end.step:
+        return None
+    return FinishedRun(end.step, final, start.steps_per_epoch if start is not None else None)
 
 
 def load_checkpoint(accelerator, path: Path, resumable: Resumable) -> dict:

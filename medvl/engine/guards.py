@@ -38,20 +38,20 @@ _DIVERGED_FIX = ("lower optim.lr (or raise optim.warmup_steps); with fp16 switch
 # ---------------------------------------------------------------------------------------------------------
 # divergence
 
-def last_good_checkpoint(run_dir: Path, before: int | None = None) -> Path | None:
+def last_good_checkpoint(run_dir: Path, before: int | None = None, watch: "Collapse | None" = None) -> Path | None:
     """The newest complete checkpoint (older than step `before`, when the trouble is known to start there):
-    medvl writes none with non-finite or exploded weights or optimizer state."""
+    medvl writes none with non-finite or exploded weights or optimizer state, and `watch` (the run's health
+    record) vouches only for checkpoints whose next step still learned."""
     from medvl.checkpoint_files import list_checkpoints, step_of
 
-    watch = _WATCH.get(str(run_dir))
     found = [p for p in list_checkpoints(run_dir) if (before is None or step_of(p) < before)
              and (watch is None or watch.vouches_for(step_of(p)))]
     return found[-1] if found else None
 
 
 def diverged(what: str, step: int, run_dir: Path, *, before: int | None = None,
-             title: str = "training diverged") -> MedvlError:
-    good = last_good_checkpoint(run_dir, before)
+             title: str = "training diverged", watch: "Collapse | None" = None) -> MedvlError:
+    good = last_good_checkpoint(run_dir, before, watch)
     if good is None:
         where = ("no good checkpoint was written before it" +
                  (" (weights are checked before every save)" if before is None else
@@ -65,21 +65,22 @@ def diverged(what: str, step: int, run_dir: Path, *, before: int | None = None,
 
 
 @contextlib.contextmanager
-def optimizer_overflow(step: int, run_dir: Path):
+def optimizer_overflow(step: int, run_dir: Path, watch: "Collapse | None" = None):
     """AdamW multiplies by lr / bias_correction as a float32 scalar: lr=1e38 overflows inside torch."""
     try:
         yield
     except RuntimeError as exc:
         if "overflow" not in str(exc):
             raise
-        raise diverged(f"the optimizer update overflowed the weights' dtype ({exc})", step, run_dir) from None
+        raise diverged(f"the optimizer update overflowed the weights' dtype ({exc})", step, run_dir,
+                       watch=watch) from None
 
 
-def check_finite_state(accelerator, model, optimizer, step: int, run_dir: Path) -> None:
+def check_finite_state(accelerator, model, optimizer, step: int, run_dir: Path,
+                       watch: "Collapse | None" = None) -> None:
     """Every rank checks its own trainable weights and optimizer tensors; all ranks agree before a save."""
     import torch
 
-    watch = _WATCH.get(str(run_dir))
     if watch is not None and watch.dead_at(step):
         raise watch.error(step)  # a collapsed model is finite: never let it into (and rotate out) good checkpoints
     bad = []
@@ -101,12 +102,7 @@ def check_finite_state(accelerator, model, optimizer, step: int, run_dir: Path) 
     flag = accelerator.reduce(torch.tensor([float(bool(bad))], device=accelerator.device), "sum")
     if float(flag) > 0:
         what = bad[0] if bad else "broken weights on another process"
-        raise diverged(f"{what} before saving checkpoint step-{step:06d} (not written)", step, run_dir)
-
-
-# The run's health record, found by run directory: the divergence message and the save check read it without
-# the loop having to pass it around. One entry per run directory of this process.
-_WATCH: dict[str, "Collapse"] = {}
+        raise diverged(f"{what} before saving checkpoint step-{step:06d} (not written)", step, run_dir, watch=watch)
 
 
 def _local(t):
@@ -120,7 +116,6 @@ class Collapse:
     finite loss and a non-zero gradient."""
 
     def __init__(self, model, run_dir: Path):
-        _WATCH[str(run_dir)] = self
         self.healthy: set[int] = set()
         self.first_seen: int | None = None
         self.dead: int | None = None  # last step seen with a zero gradient / stuck loss
@@ -174,7 +169,7 @@ class Collapse:
                 uniform += " (uniform prediction: the model gives every token the same probability)"
         # The update before the first dead step did the damage: checkpoints from onset - 1 on are collapsed.
         return diverged(f"{why}{uniform}", step, self.run_dir, before=(self.onset or step) - 1,
-                        title="the model collapsed and is not learning")
+                        title="the model collapsed and is not learning", watch=self)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,12 +193,12 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _intact(run_dir: Path) -> str:
-    good = last_good_checkpoint(run_dir)
+def _intact(run_dir: Path, watch: "Collapse | None" = None) -> str:
+    good = last_good_checkpoint(run_dir, watch=watch)
     return f"the last complete checkpoint {good} is intact" if good else "no earlier checkpoint exists"
 
 
-def check_free_space(accelerator, root: Path, model, optimizer, run_dir: Path) -> int:
+def check_free_space(accelerator, root: Path, model, optimizer, run_dir: Path, watch: "Collapse | None" = None) -> int:
     """Refuse a save the filesystem cannot hold (all processes write to the same folder). Returns the bytes."""
     import torch
 
@@ -212,7 +207,7 @@ def check_free_space(accelerator, root: Path, model, optimizer, run_dir: Path) -
     free = shutil.disk_usage(root if root.exists() else run_dir).free
     if free < need:
         raise MedvlError(f"not enough disk space for a checkpoint: a save needs about {_human(need)}, "
-                         f"{_human(free)} is free; {_intact(run_dir)}", where=str(root),
+                         f"{_human(free)} is free; {_intact(run_dir, watch)}", where=str(root),
                          fix="free space (or lower train.keep_last), then resume with --resume auto")
     return need
 
@@ -221,7 +216,7 @@ _FULL_DISK_TEXT = ("unexpected pos", "file write failed", "No space left")
 
 
 @contextlib.contextmanager
-def disk_full_diagnosis(partial: Path, need: int, run_dir: Path):
+def disk_full_diagnosis(partial: Path, need: int, run_dir: Path, watch: "Collapse | None" = None):
     """A save cut by a full disk: remove the partial folder and say what happened, in words."""
     try:
         yield
@@ -232,6 +227,6 @@ def disk_full_diagnosis(partial: Path, need: int, run_dir: Path):
             raise
         shutil.rmtree(partial, ignore_errors=True)
         raise MedvlError(f"the disk filled up while saving checkpoint {partial.name.strip('.').split('.')[0]}; "
-                         f"nothing of it was kept and {_intact(run_dir)}", where=str(partial.parent),
+                         f"nothing of it was kept and {_intact(run_dir, watch)}", where=str(partial.parent),
                          fix=f"free at least {_human(need)} on this filesystem, then resume with --resume auto"
                          ) from None

@@ -77,6 +77,8 @@ class StartEvent(Event):
     """How data.packing resolved on this machine ("packed rows, attention per sample (sdpa)" / "padded ...")."""
     pid: int | None = None
     host: str | None = None
+    finished_at: int | None = None
+    """Set when this start extends a run that had finished: the step it had ended at (total_steps is the new end)."""
 
     @property
     def is_resume(self) -> bool:

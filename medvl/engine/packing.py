@@ -69,16 +69,55 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         # medvl packs one row per micro-batch, without padding or cache; anything else would need a mask here
         raise ValueError(f"per-sample attention takes one packed row without mask or cache, got a batch of "
                          f"{query.shape[0]}, {query.shape[2]} queries over {key.shape[2]} keys")
-    # Every layer (and gradient checkpointing's recompute) gets the same boundary tensor: read it to the host once
+    # Every layer (and gradient checkpointing's recompute) gets the same boundary tensor: work out the layout once
     # per forward, not once per layer (on a GPU each .tolist() is a device sync).
-    bounds = getattr(cu, "_medvl_bounds", None)
-    if bounds is None:
-        bounds = cu.tolist()
-        cu._medvl_bounds = bounds
-    outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout=dropout,
-                                   scaling=scaling, is_causal=True, **kwargs)[0]
-            for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-    return torch.cat(outs, dim=1), None  # (1, row, heads, dim), as sdpa_attention_forward returns
+    layout = getattr(cu, "_medvl_layout", None)
+    if layout is None:
+        layout = cu._medvl_layout = segment_layout(cu.tolist(), query.shape[2], query.device)
+    if layout.index is None:
+        outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None,
+                                       dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
+                for s, e in zip(layout.bounds[:-1], layout.bounds[1:]) if e > s]
+        return torch.cat(outs, dim=1), None  # (1, row, heads, dim), as sdpa_attention_forward returns
+
+    def batched(x):  # (1, heads, row, dim) -> (samples, heads, longest, dim), each sample right-padded
+        return x[0].index_select(1, layout.index).unflatten(1, (layout.n, layout.longest)).transpose(0, 1)
+
+    out = sdpa_attention_forward(module, batched(query), batched(key), batched(value), None, dropout=dropout,
+                                 scaling=scaling, is_causal=True, **kwargs)[0]  # (samples, longest, heads, dim)
+    return out.flatten(0, 1).index_select(0, layout.keep).unsqueeze(0), None
+
+
+# One sdpa call over the row's samples, right-padded to the longest, costs n x longest^2 attention work instead
+# of sum(n_i^2), but saves a kernel call per sample. Measured on the tiny Qwen2.5-VL (CPU, one thread, fwd + bwd
+# of one layer's attention over a 2,048-token row): 43 samples of 42-52 tokens (batched work 1.2x the exact)
+# 8.5 ms batched vs 13.5 ms per sample; 18 samples of 40-162 tokens (2.4x) 22 ms vs 13 ms. Batch up to 1.5x.
+BATCHED_WORK_LIMIT = 1.5
+
+
+class SegmentLayout:
+    """How a packed row's samples are attended: `bounds` (the row's sample boundaries) and, when one padded sdpa
+    call is cheaper than one per sample, `index` (row position of every padded slot; a padded slot repeats its
+    sample's last token, which only the discarded padded queries can see under the causal mask) and `keep`
+    (the padded slot of every row position, in row order)."""
+
+    def __init__(self, bounds: list[int], index=None, keep=None, n: int = 0, longest: int = 0):
+        self.bounds, self.index, self.keep, self.n, self.longest = bounds, index, keep, n, longest
+
+
+def segment_layout(bounds: list[int], row: int, device) -> SegmentLayout:
+    import torch
+
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    starts = [s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    if not lengths or sum(lengths) != row:
+        return SegmentLayout(bounds)
+    n, longest = len(lengths), max(lengths)
+    if n == 1 or n * longest * longest > BATCHED_WORK_LIMIT * sum(x * x for x in lengths):
+        return SegmentLayout(bounds)
+    index = [s + min(j, n_i - 1) for s, n_i in zip(starts, lengths) for j in range(longest)]
+    keep = [i * longest + j for i, n_i in enumerate(lengths) for j in range(n_i)]
+    return SegmentLayout(bounds, torch.tensor(index, device=device), torch.tensor(keep, device=device), n, longest)
 
 
 def _mask(*args, attention_mask=None, **kwargs):

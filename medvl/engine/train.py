@@ -49,6 +49,7 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     table: list[dict] = field(default_factory=list)
+    already_finished: bool = False  # resumed a finished run without asking for more steps: nothing was done
 
 
 def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int | None = None) -> RunResult:
@@ -65,6 +66,9 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                          fix="drop eval.every and run `medvl eval` on the checkpoints, or use ddp / deepspeed-zero2")
     bench_set = load_benchmark(recipe) if recipe.eval.every else None
     run_dir = prepare_run_dir(recipe, resume)  # cheap checks first: torch + accelerate take seconds to import
+    finished = ckpt.finished_run(run_dir, resume)
+    if finished is not None and finished.done_for(recipe):
+        return RunResult(run_dir, finished.final_dir, finished.step, already_finished=True)  # the run is untouched
     import torch
     from accelerate.utils import set_seed
 
@@ -101,13 +105,16 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
     flops_token, peak = flops_per_token(model, family), peak_flops(accelerator.device, recipe.train.precision,
                                                                    recipe.model.dtype)
     total_steps = recipe.train.max_steps or max(1, int(batch_plan.steps_per_epoch * recipe.train.epochs))
+    if finished is not None and total_steps <= finished.step:  # epoch-based, its length known only now
+        return RunResult(run_dir, finished.final_dir, finished.step, table=table, already_finished=True)
     optimizer = build_optimizer(param_groups(model, family, plan, recipe.optim.weight_decay),
                                 betas=recipe.optim.betas, eps=recipe.optim.eps)
     scheduler = build_scheduler(optimizer, total=total_steps, warmup=recipe.optim.warmup_for(total_steps),
                                 kind=recipe.optim.scheduler, floor=recipe.optim.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     position = _Position()
-    resumable = ckpt.Resumable(model, optimizer, scheduler, position, recipe)
+    collapse = guards.Collapse(accelerator.unwrap_model(model), run_dir)  # also the run's health record
+    resumable = ckpt.Resumable(model, optimizer, scheduler, position, recipe, health=collapse)
     ckpt.save_trainable_only(accelerator)
 
     start = 0
@@ -135,7 +142,8 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                 steps_per_epoch=batch_plan.steps_per_epoch, samples=len(train_ids),
                 dropped_per_epoch=batch_plan.dropped_per_epoch(), trainable_params=trainable_params(table), table=table,
                 distributed=accelerator.distributed_type.name, device=str(accelerator.device),
-                keep_last=recipe.train.keep_last, packing=packing_note, **process_facts()))
+                keep_last=recipe.train.keep_last, packing=packing_note,
+                finished_at=finished.step if finished is not None else None, **process_facts()))
             if changes:
                 sink.log(ckpt.recipe_change_event(start, changes))
 
@@ -149,8 +157,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         dtype = next(p for p in model.parameters()).dtype
 
         result = RunResult(run_dir, run_dir / "final", start, table=table)
-        guard = _Guard(sink, run_dir)
-        collapse = guards.Collapse(accelerator.unwrap_model(model), run_dir)
+        guard = _Guard(sink, run_dir, collapse)
         micro_iter = iter(loader)
         t_start, tokens_seen, samples_seen, inputs_seen = time.perf_counter(), 0, 0, 0
         model.train()
@@ -180,7 +187,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                         loss = summed / window_tokens * accelerator.num_processes * recipe.train.grad_accum
                     accelerator.backward(loss)
             grad_norm = _clip(accelerator, model, recipe.optim.max_grad_norm)
-            with guards.optimizer_overflow(step + 1, run_dir):
+            with guards.optimizer_overflow(step + 1, run_dir, collapse):
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -295,9 +302,10 @@ def _recipe_sha256(recipe) -> str:
 class _Guard:
     """Stops on NaN/inf with a diagnosis; warns on windows with nothing to learn and on a loss stuck at zero."""
 
-    def __init__(self, sink, run_dir):
+    def __init__(self, sink, run_dir, health):
         self.sink = sink
         self.run_dir = run_dir
+        self.health = health
         self.zero_run = 0
 
     def check(self, step, loss, grad_norm, tokens, n_rejected, rejected):
@@ -309,7 +317,8 @@ class _Guard:
             return
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
-            raise guards.diverged(f"the {what} became {loss if what == 'loss' else grad_norm}", step, self.run_dir)
+            raise guards.diverged(f"the {what} became {loss if what == 'loss' else grad_norm}", step, self.run_dir,
+                                  watch=self.health)
         self.zero_run = self.zero_run + 1 if loss == 0.0 else 0
         if self.zero_run == 3:
             self.sink.log({"kind": "warning", "step": step, "code": "loss_zero",

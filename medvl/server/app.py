@@ -5,7 +5,8 @@
     GET  /health                {"status": "ok", ...}; no key needed (for load balancers and scripts)
 
 The model is loaded once, before the app starts answering, and never per request. A request is checked
-(`protocol.parse_chat_request`) before it reaches the model: a bad one costs no generation. Every request has a
+(`protocol.parse_chat_request`) and its images decoded (`Batcher.load_images`) before it reaches the model, both
+off the event loop that streams every answer: a bad one costs no generation and gets its 4xx. Every request has a
 deadline (`Limits.timeout_s`): past it the client gets 504 and its row leaves the batch at the next token.
 """
 
@@ -48,7 +49,7 @@ def create_app(batcher: Batcher, *, model_name: str, api_key: str | None = None,
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                            type="authentication_error", code="invalid_api_key")
 
-    async def read_body(request: Request) -> object:
+    async def read_body(request: Request) -> bytearray:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise ApiError(413, f"request body of {int(declared):,} bytes is above this server's limit of "
@@ -59,10 +60,15 @@ def create_app(batcher: Batcher, *, model_name: str, api_key: str | None = None,
             if len(data) > limits.max_body_bytes:
                 raise ApiError(413, f"request body above this server's limit of {limits.max_body_bytes:,} bytes",
                                code="request_too_large")
+        return data
+
+    def check(data: bytearray):
+        """JSON, the rules, base64 payloads decoded: in a thread, as a 32 MB body takes a while to go through."""
         try:
-            return json.loads(data)
+            body = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        return parse_chat_request(body, limits=limits, served_model=model_name, image_roots=roots, vision=vision)
 
     async def health(request: Request):
         ok = batcher.alive
@@ -80,15 +86,22 @@ def create_app(batcher: Batcher, *, model_name: str, api_key: str | None = None,
     async def chat_completions(request: Request):
         try:
             check_key(request)
-            body = await read_body(request)
-            req = parse_chat_request(body, limits=limits, served_model=model_name, image_roots=roots, vision=vision)
+            data = await read_body(request)
+            started = time.perf_counter()  # the deadline (--timeout) counts checking and image decoding too
+            req = await asyncio.to_thread(check, data)
+            if req.images:  # decoded in the batcher's image threads; a bad image is this request's 400
+                left = started + limits.timeout_s - time.perf_counter()
+                try:
+                    await asyncio.wait_for(asyncio.wrap_future(batcher.load_images(req)), max(0.001, left))
+                except asyncio.TimeoutError:
+                    raise _timed_out() from None
         except ApiError as exc:
             return error(exc)
         except ClientDisconnect:
             return JSONResponse({}, status_code=499)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        job = Job(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        job = Job(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), submitted=started)
         batcher.submit(job)
         cid = completion_id()
         if not req.stream:
@@ -112,8 +125,11 @@ async def _next(job: Job, events: asyncio.Queue, deadline: float) -> Event:
         return await asyncio.wait_for(events.get(), timeout=max(0.001, left))
     except asyncio.TimeoutError:
         job.cancelled.set()  # the row leaves its batch at the next token
-        raise ApiError(504, "the answer took longer than this server's request timeout", type="timeout",
-                       code="timeout") from None
+        raise _timed_out() from None
+
+
+def _timed_out() -> ApiError:
+    return ApiError(504, "the answer took longer than this server's request timeout", type="timeout", code="timeout")
 
 
 async def _whole_answer(job, events, cid, model, limits, error):

@@ -10,24 +10,31 @@ cancellation (client gone, timeout); a finished row waits as padding until the b
 
 Tokens go out as they are made: a streamer receives each step's new token of every row and hands the decoded
 text delta to that job's callback (the web layer puts it on the request's asyncio queue without waiting), so a
-slow client never slows the batch and a fast one sees its answer grow.
+slow client never slows the batch and a fast one sees its answer grow. A delta costs a few tokens' decode
+whatever the answer's length (medvl.detokenize).
+
+The worker only receives ready inputs: images are decoded before a job is queued, in a few image threads
+(medvl.server.images), so a large image never stalls the tokens of the batch being generated, and a bad one is
+answered with its 400 without reaching the worker.
 """
 
 from __future__ import annotations
 
-import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from medvl.detokenize import IncrementalDetokenizer
 from medvl.errors import MedvlError
-from medvl.server.protocol import ApiError, ChatRequest, ImageRef, Limits
+from medvl.server.images import images_ready, load_request_images
+from medvl.server.protocol import ApiError, ChatRequest, Limits
 
-# pydicom decodes all frames to take the middle one: 64M pixels is a 256-slice 512x512 series, ~128 MB as int16
-DICOM_MAX_DECODED_PIXELS = 64 * 1024 * 1024
+# Image decoding threads: PIL and pydicom release the GIL in their C decoders, so 4 large images decode side by
+# side while the worker generates; more would only compete with generation for the CPU.
+IMAGE_THREADS = 4
 
 
 @dataclass
@@ -62,6 +69,7 @@ class Batcher:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._pending: list[Job] = []
         self._thread = threading.Thread(target=self._run, name="medvl-serve-batcher", daemon=True)
+        self._images = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="medvl-serve-images")
         self._closed = False
         self.batches = 0  # generate calls made
         self.rows = 0  # requests answered
@@ -74,14 +82,37 @@ class Batcher:
 
     def close(self) -> None:
         self._closed = True
+        self._images.shutdown(wait=False, cancel_futures=True)
         self._queue.put(None)
         self._thread.join(timeout=30)
 
+    def load_images(self, request: ChatRequest) -> Future:
+        """Decode the request's images in the image threads (`medvl.server.images`); the future raises the
+        ApiError of a bad one. The HTTP handler awaits it before `submit`, so a bad image is a plain 400."""
+        return self._images.submit(load_request_images, request, self.limits)
+
     def submit(self, job: Job) -> None:
+        """Queue a job; never blocks. Images not decoded yet are decoded in the image threads first: the worker
+        only ever receives ready inputs, so a large image never stalls the batch that is generating."""
         if self._closed:
             job.emit(Event(done=True, error=ApiError(503, "the server is shutting down", type="server_error")))
             return
-        self._queue.put(job)
+        if images_ready(job.request):
+            self._queue.put(job)
+        else:
+            self.load_images(job.request).add_done_callback(lambda f: self._loaded(job, f))
+
+    def _loaded(self, job: Job, future: Future) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if future.cancelled() or self._closed:
+            job.emit(Event(done=True, error=ApiError(503, "the server is shutting down", type="server_error")))
+        elif isinstance(exc, ApiError):
+            job.emit(Event(done=True, error=exc))  # a bad image: answered here, the worker never sees it
+        elif exc is not None:
+            job.emit(Event(done=True, error=ApiError(500, f"reading the image failed: {type(exc).__name__}: "
+                                                     f"{exc}", type="server_error")))
+        elif not job.cancelled.is_set():
+            self._queue.put(job)
 
     # -- the worker
 
@@ -168,63 +199,9 @@ class Batcher:
     def _prompt(self, request: ChatRequest) -> tuple[str, list]:
         from medvl.inference import Turn, render_prompt
 
-        turns = []
-        for msg in request.messages:
-            images = [self._image(ref) for ref in msg.images]
-            turns.append(Turn(msg.role, msg.text, images))
+        # The images were decoded before the job was queued (submit); render_prompt only reads them.
+        turns = [Turn(msg.role, msg.text, [ref.image for ref in msg.images]) for msg in request.messages]
         return render_prompt(self.bot.processor, self.bot.family, turns, request.system or self.bot.system)
-
-    def _image(self, ref: ImageRef):
-        """The decoded image through the one loader (DICOM included), with the pixel limit checked first."""
-        from PIL import Image
-
-        from medvl.conversation import ChatImage
-        from medvl.data.images import is_dicom
-
-        path, tmp = ref.path, None
-        if ref.data is not None:  # the loader reads files (PIL and pydicom alike): a private temporary file
-            fd, tmp = tempfile.mkstemp(suffix=ref.suffix, prefix="medvl-serve-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(ref.data)
-            path = tmp
-        try:
-            if is_dicom(path):  # header only: pydicom decodes every frame of the pixel data to pick the middle one
-                self._check_dicom_size(path, ref)
-            else:
-                try:
-                    with Image.open(path) as im:
-                        w, h = im.size
-                except Exception:
-                    raise ApiError(400, "the image does not decode (PNG, JPEG, TIFF, BMP, WebP or DICOM expected)",
-                                   param=ref.param, code="image_undecodable") from None
-                if w * h > self.limits.max_image_pixels:
-                    raise ApiError(400, f"image of {w}x{h} pixels is above this server's limit of "
-                                   f"{self.limits.max_image_pixels:,} pixels", param=ref.param, code="image_too_large")
-            image = ChatImage(path, None, is_dicom(path))
-            try:
-                image.load()
-            except MedvlError as exc:
-                raise ApiError(400, exc.what, param=ref.param, code="image_undecodable") from None
-            if image.load().width * image.load().height > self.limits.max_image_pixels:
-                raise ApiError(400, "image above this server's pixel limit", param=ref.param, code="image_too_large")
-            return image
-        finally:
-            if tmp:
-                os.unlink(tmp)
-
-    def _check_dicom_size(self, path: str, ref: ImageRef) -> None:
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            w, h = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-        except Exception:
-            raise ApiError(400, "the DICOM header does not read", param=ref.param, code="image_undecodable") from None
-        if w * h > self.limits.max_image_pixels or w * h * frames > DICOM_MAX_DECODED_PIXELS:
-            raise ApiError(400, f"DICOM of {frames} frame(s) of {w}x{h} pixels is above this server's limit of "
-                           f"{self.limits.max_image_pixels:,} pixels per frame and {DICOM_MAX_DECODED_PIXELS:,} in "
-                           "all", param=ref.param, code="image_too_large")
 
     def _generate(self, jobs: list[Job], prompts: list[tuple[str, list]]) -> None:
         import torch
@@ -291,7 +268,7 @@ class _Row:
     def __init__(self, job: Job, limit: int, bot, prompt_tokens: int):
         self.job, self.limit, self.bot, self.prompt_tokens = job, limit, bot, prompt_tokens
         self.tokens: list[int] = []
-        self.shown = ""
+        self.text = IncrementalDetokenizer(bot.tokenizer, skip_special_tokens=True)
         self.finished = False
         self.ended_on_eos = False
         self.closed = False
@@ -305,11 +282,9 @@ class _Row:
             self.close()  # answered now, not when the batch's longest row ends
             return
         self.tokens.append(token)
-        text = self.bot.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if len(text) > len(self.shown) and not text.endswith("\ufffd"):  # never half a character
-            delta, self.shown = text[len(self.shown):], text
-            if not self.job.cancelled.is_set():
-                self.job.emit(Event(delta=delta))
+        delta = self.text.add(token)  # a few tokens decoded, whatever the answer's length; never half a character
+        if delta and not self.job.cancelled.is_set():
+            self.job.emit(Event(delta=delta))
         if len(self.tokens) >= self.limit:
             self.finished = True
             self.close()
@@ -318,9 +293,10 @@ class _Row:
         if self.closed or self.job.cancelled.is_set():
             self.closed = True
             return
-        text = self.bot.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if len(text) > len(self.shown):
-            self.job.emit(Event(delta=text[len(self.shown):]))
+        rest = self.text.finish()  # bytes that never completed a character: shown as the decoder shows them
+        if rest:
+            self.job.emit(Event(delta=rest))
+        text = self.bot.tokenizer.decode(self.tokens, skip_special_tokens=True)  # once per answer
         reason = "stop" if self.ended_on_eos else "length"
         completion = len(self.tokens) + (1 if self.ended_on_eos else 0)
         self.job.emit(Event(done=True, finish_reason=reason, text=text.strip(), prompt_tokens=self.prompt_tokens,

@@ -62,12 +62,14 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 @dataclass
 class ImageRef:
-    """An image of a request: a checked local path, or bytes from a data URL (written to a file when decoded)."""
+    """An image of a request: a checked local path, or bytes from a data URL; `image` once decoded (a loaded
+    medvl.conversation.ChatImage, by medvl.server.images before the request is queued)."""
 
     path: str | None = None
     data: bytes | None = None
     suffix: str = ".png"
     param: str = ""
+    image: object = field(default=None, repr=False)
 
 
 @dataclass
@@ -207,7 +209,8 @@ def _content(content: object, param: str, role: str, roots: list[str]) -> tuple[
 
 
 def image_ref(url: str, param: str, roots: list[str]) -> ImageRef:
-    """A checked image reference; nothing is decoded here (that happens once, in the generation worker)."""
+    """A checked image reference; nothing is decoded here (medvl.server.images does, before the request is
+    queued)."""
     low = url[:16].lower()
     if low.startswith(("http://", "https://")):
         raise bad_request("remote image URLs are not fetched: medvl never reaches the network; send the image "

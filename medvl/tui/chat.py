@@ -1,5 +1,10 @@
 """`medvl chat` on a terminal: a Textual app over medvl.session.ChatSession (one model, or two side by side).
 
+In compare mode both models share one scrolling conversation: each question (and its images) spans the width and
+the two answers stand side by side in one row under it, so scrolling moves both answers together and turn N of A
+always sits beside turn N of B (two independently scrolling columns drifted apart as their answers' lengths
+differed).
+
 The screen is up before the model has loaded (loading runs in a worker thread; what you type meanwhile is
 queued and sent once it is ready). Each answer streams in a worker thread too, so the UI never blocks: Esc or
 Ctrl-C stops the answer and keeps the conversation. The status line shows model, family, device, dtype, the last
@@ -11,7 +16,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from medvl.tui.chat_widgets import Answer, Note, PathSuggester, PromptInput, Thumbnail, UserMessage  # noqa: I001
+from medvl.tui.chat_widgets import (  # noqa: I001
+    Answer, CommandHelp, Note, PathSuggester, PromptInput, Thumbnail, UserMessage,
+)
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -19,10 +26,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Static
 
 from medvl.errors import MedvlError
-from medvl.session import COMMANDS
+from medvl.session import COMMANDS, help_rows
 
 HELLO = ("Ask about your images. /image PATH attaches one (TAB completes), /help lists the commands, "
-         "Esc stops an answer, Ctrl-Q quits.")
+         "PgUp/PgDn scroll, Esc stops an answer, Ctrl-Q quits.")
 
 
 class ChatApp(App):
@@ -32,6 +39,9 @@ class ChatApp(App):
         Binding("escape", "stop", "stop answer", priority=True),
         Binding("ctrl+c", "stop", "stop answer", priority=True, show=False),
         Binding("ctrl+q", "quit", "quit", priority=True),
+        # the prompt keeps the focus, so the conversation scrolls by these (and the mouse wheel)
+        Binding("pageup", "page(-1)", "scroll up", show=False),
+        Binding("pagedown", "page(1)", "scroll down", show=False),
     ]
 
     def __init__(self, sources, *, options=None, images=(), system: str | None = None, dtype: str | None = None,
@@ -51,14 +61,14 @@ class ChatApp(App):
     # -- layout
 
     def compose(self) -> ComposeResult:
-        with Horizontal(id="columns"):
-            for i, src in enumerate(self.sources):
-                with Vertical(classes="column second" if i else "column"):
-                    if len(self.sources) > 1:
-                        yield Static(f"{'AB'[i]} · {src.name} · {src.family.name}", classes="column-title",
-                                     markup=False)
-                    yield VerticalScroll(id=f"conversation-{i}", classes="conversation")
-        yield PromptInput(placeholder="Ask a question, or /help", id="prompt", suggester=PathSuggester(Path.cwd(), COMMANDS))
+        if len(self.sources) > 1:
+            with Horizontal(id="titles"):
+                for i, src in enumerate(self.sources):
+                    yield Static(f"{'AB'[i]} · {src.name} · {src.family.name}",
+                                 classes="column-title second" if i else "column-title", markup=False)
+        yield VerticalScroll(id="conversation")
+        yield PromptInput(placeholder="Ask a question, or /help", id="prompt",
+                          suggester=PathSuggester(Path.cwd(), COMMANDS))
         yield Static("", id="status", markup=False)
 
     def on_mount(self) -> None:
@@ -99,8 +109,7 @@ class ChatApp(App):
             self.session = ChatSession(bots)
             self.note(_message(exc), error=True)
         if self.session.pending:
-            for col in self.columns():
-                col.mount(Vertical(*[Thumbnail(im) for im in self.session.pending], classes="pending"))
+            self.show(Vertical(*[Thumbnail(im) for im in self.session.pending], classes="pending"))
             self.note(f"{len(self.session.pending)} image(s) attached; they go with your first question")
         self.set_status(self.status_text(f"loaded in {time.perf_counter() - self.t_load:.1f} s"))
         queued, self.queued = self.queued, []
@@ -109,13 +118,21 @@ class ChatApp(App):
 
     # -- helpers
 
-    def columns(self) -> list[VerticalScroll]:
-        return [self.query_one(f"#conversation-{i}", VerticalScroll) for i in range(len(self.sources))]
+    @property
+    def conversation(self) -> VerticalScroll:
+        return self.query_one("#conversation", VerticalScroll)
+
+    def show(self, widget) -> None:
+        self.conversation.mount(widget)
+        self.conversation.scroll_end(animate=False)
+
+    def answers(self) -> list[Answer]:
+        """The last turn's answers, one per model (A, B)."""
+        rows = self.conversation.query(".answers")
+        return list(rows.last().query(Answer)) if rows else []
 
     def note(self, text: str, *, error: bool = False) -> None:
-        for col in self.columns():
-            col.mount(Note(text, error=error))
-            col.scroll_end(animate=False)
+        self.show(Note(text, error=error))
 
     def set_status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
@@ -126,8 +143,8 @@ class ChatApp(App):
         for i, bot in enumerate(bots):
             speed = f"{bot.last.tokens_per_s:.0f} tok/s" if bot.last else "- tok/s"
             limit = f"/{bot.context_limit}" if bot.context_limit else ""
-            who = f"{bot.source.name} · {bot.family.name}" if len(bots) == 1 else "AB"[i]
-            parts.append(f"{who} · {speed} · context {bot.context_used}{limit}")
+            who = f"{bot.source.name} · {bot.family.name} ·" if len(bots) == 1 else "AB"[i]
+            parts.append(f"{who} {speed} · context {bot.context_used}{limit}")
         if bots:  # device and dtype once: compare mode loads both models the same way
             parts.insert(1 if len(bots) == 1 else 0, f"{bots[0].device} · {bots[0].dtype}")
         return " · ".join(parts) + (f" · {extra}" if extra else "")
@@ -135,8 +152,7 @@ class ChatApp(App):
     # -- input
 
     def on_input_submitted(self, event: PromptInput.Submitted) -> None:
-        line = event.value
-        event.input.value = ""
+        line = event.value  # the prompt has emptied itself (PromptInput: type-ahead goes to the next line)
         if self.session is None:
             if line.strip():
                 self.queued.append(line)
@@ -144,7 +160,8 @@ class ChatApp(App):
             return
         if self.running:
             self.note("the model is still answering: Esc stops it", error=True)
-            event.input.value = line
+            if not event.input.value:  # given back to edit or send again, unless the next line is being typed
+                event.input.value = line
             return
         self.submit(line)
 
@@ -158,45 +175,42 @@ class ChatApp(App):
             self.action_stop()
             self.exit()
             return
-        cols = self.columns()
+        conversation = self.conversation
         if step.clear:
-            for col in cols:
-                col.remove_children()
+            conversation.remove_children()
         if step.undo:
-            for col in cols:
-                for cls in ("Answer", "UserMessage"):
-                    found = col.query(cls)
-                    if found:
-                        found.last().remove()
-        if step.message:
+            for cls in (".answers", "UserMessage"):
+                found = conversation.query(cls)
+                if found:
+                    found.last().remove()
+        if step.help:
+            self.show(CommandHelp(help_rows()))
+        elif step.message:
             self.note(step.message)
         if step.images and not step.streams:  # /image or /window: show what the model will see
             kind = "pending" if line.strip().startswith("/image") else "rewindowed"
-            for col in cols:
-                col.mount(Vertical(*[Thumbnail(im) for im in step.images], classes=kind))
-                col.scroll_end(animate=False)
+            self.show(Vertical(*[Thumbnail(im) for im in step.images], classes=kind))
         if not step.streams:
             self.set_status(self.status_text())
             return
-        for col in cols:
-            if step.retry:
-                found = col.query("Answer")
-                if found:
-                    found.last().remove()
-            else:
-                for pending in col.query(".pending"):
-                    pending.remove()
-                col.mount(UserMessage(step.question, step.images))
+        if step.retry:
+            found = conversation.query(".answers")
+            if found:
+                found.last().remove()
+        else:
+            conversation.query(".pending").remove()
+            conversation.mount(UserMessage(step.question, step.images))
+        answers = [Answer() for _ in step.streams]
+        # one row: in compare mode the answers stand side by side and scroll as one
+        self.show(Horizontal(*[Vertical(a, classes="cell second" if i else "cell") for i, a in enumerate(answers)],
+                             classes="answers"))
         self.running = len(step.streams)
-        for col, bot, stream in zip(cols, self.session.bots, step.streams):
-            answer = Answer()
-            col.mount(answer)
-            col.scroll_end(animate=False)
-            self.stream_answer(bot, stream, answer, col)
+        for bot, stream, answer in zip(self.session.bots, step.streams, answers):
+            self.stream_answer(bot, stream, answer)
         self.set_status(self.status_text("answering … Esc stops"))
 
     @work(thread=True)
-    def stream_answer(self, bot, stream, answer: Answer, col: VerticalScroll) -> None:
+    def stream_answer(self, bot, stream, answer: Answer) -> None:
         # Pieces go to a list the UI drains 20 times a second (flush): waiting for the UI on every token
         # (call_from_thread blocks) cost the tiny model two thirds of its speed.
         try:
@@ -215,19 +229,30 @@ class ChatApp(App):
                             "questions are sent once it is loaded)")
         if not self.running:
             return
-        for col in self.columns():
-            moved = False
-            for answer in col.query(Answer):
-                moved |= answer.drain()
-            if moved:
-                col.scroll_end(animate=False)
+        following = self.following()
+        moved = False
+        for answer in self.answers():
+            moved |= answer.drain()
+        if moved and following:
+            self.conversation.scroll_end(animate=False)
+
+    def following(self) -> bool:
+        """The view is at the end of the conversation: new text keeps it there. Scrolled up (PgUp, the wheel) to
+        read an earlier turn, it stays put while an answer streams in."""
+        return self.conversation.scroll_y >= self.conversation.max_scroll_y - 1
 
     def _answer_done(self) -> None:
         self.running -= 1
         if not self.running:
             self.set_status(self.status_text())
-            for col in self.columns():
-                col.scroll_end(animate=False)
+            if self.following():
+                self.conversation.scroll_end(animate=False)
+
+    def action_page(self, direction: int) -> None:
+        if direction < 0:
+            self.conversation.scroll_page_up(animate=False)
+        else:
+            self.conversation.scroll_page_down(animate=False)
 
     def action_stop(self) -> None:
         if self.running and self.session:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.suggester import Suggester
 from textual.widgets import Input, Static
@@ -105,6 +104,21 @@ class Note(Static):
         super().__init__(text, classes="note error" if error else "note", markup=False, **kwargs)
 
 
+class CommandHelp(Static):
+    """/help: each command in a column of its own, its explanation wrapped in a second column beside it (a long
+    line folded back to the left edge at 80 columns and hid where the next command began)."""
+
+    def __init__(self, rows, **kwargs) -> None:
+        from rich.table import Table
+
+        table = Table(box=None, show_header=False, padding=(0, 2, 0, 0), expand=False)
+        table.add_column(no_wrap=True, style="bold")
+        table.add_column(overflow="fold")
+        for usage, what in rows:
+            table.add_row(usage, what)
+        super().__init__(table, classes="note help", **kwargs)
+
+
 class PathSuggester(Suggester):
     """A slash command's name; after /image, /save or /export the longest unambiguous completion of the path."""
 
@@ -149,14 +163,32 @@ def complete_path(typed: str, root: Path) -> str | None:
 
 
 class PromptInput(Input):
-    """The input box; Tab takes the path completion shown after the cursor."""
+    """The input box; Tab takes the path completion shown after the cursor.
 
-    BINDINGS = [Binding("tab", "accept_suggestion", "complete path", show=False, priority=True)]
+    Tab and Enter are handled here, in the input's own queue of key events, in the order they were typed. As
+    bindings they ran out of order: a priority binding runs the moment the key reaches the app, while the letters
+    typed before it still wait in this queue (a fast Tab completed the text of a few keys earlier and the Enter
+    after it sent the uncompleted line); a plain binding runs once the key has bubbled up to the app, by which
+    time letters typed after Enter could already be in the value it sends. The submitted line leaves the box at
+    once, so type-ahead after Enter starts the next line.
+    """
 
-    def action_accept_suggestion(self) -> None:
-        # computed here too: a fast typist (or a pasted line) can press Tab before the suggestion worker ran
+    async def _on_key(self, event) -> None:
+        if event.key not in ("tab", "enter"):
+            await super()._on_key(event)
+            return
+        event.stop()  # also keeps Tab from moving the focus off the prompt (the screen's focus-next)
+        event.prevent_default()
+        if event.key == "tab":
+            self.accept_completion()
+        else:
+            line, self.value = self.value, ""
+            self.post_message(self.Submitted(self, line))
+
+    def accept_completion(self) -> None:
+        # computed from the value as it is now: the suggestion worker may not have run for the last keys yet
         suggestion = self.suggester.suggest(self.value) if isinstance(self.suggester, PathSuggester) else None
-        suggestion = suggestion or self._suggestion
+        suggestion = suggestion or (self._suggestion if self._suggestion.startswith(self.value) else None)
         if suggestion and len(suggestion) > len(self.value) and suggestion.startswith(self.value):
             self.value = suggestion
             self.cursor_position = len(self.value)

@@ -44,9 +44,23 @@ def describe(event) -> str | None:
         message, reason = event.message or "", event.reason or ""
         head = "stopped:" if not reason or message.startswith(reason) else f"stopped ({reason})"
         return f"[red]{head}[/] {message}".rstrip() + (f"  fix: {event.fix}" if event.fix else "")
+    if isinstance(event, m.StartEvent) and event.finished_at is not None:
+        return (f"[cyan]extending[/] the finished run from step {event.finished_at} to {event.total_steps} steps "
+                f"(resumed from {event.resumed_from or 'its last checkpoint'})")
     if isinstance(event, m.StartEvent):
         return (f"[cyan]resumed[/] at step {event.start_step} from {event.resumed_from or 'a checkpoint'}"
                 if event.is_resume else f"started: {event.total_steps} steps, {event.world_size} process(es)")
+    if isinstance(event, m.OtherEvent) and event.kind == "recipe_change":
+        return at + recipe_change(event.extra)
     if isinstance(event, m.OtherEvent):
         return f"{event.kind} {at}" + ", ".join(f"{k} {v}" for k, v in event.extra.items())
     return None
+
+
+def recipe_change(extra: dict) -> str:
+    """A recipe_change line (medvl.engine.checkpoint.recipe_change_event) as words, not a dict's repr."""
+    changes = extra.get("changes") if isinstance(extra.get("changes"), dict) else {}
+    changed = ", ".join(f"{k} {v.get('checkpoint')} -> {v.get('now')}" if isinstance(v, dict) else str(k)
+                        for k, v in changes.items())
+    forced = extra.get("forced") if isinstance(extra.get("forced"), list) else []
+    return f"recipe changed on resume: {changed}" + (f" [yellow](forced: {', '.join(forced)})[/]" if forced else "")

@@ -67,6 +67,7 @@ def one_run(root: Path, data: Path, layout: str, steps: int, extra=()) -> dict:
     recipe = load_recipe("tiny_cpu", [f"model.base={root / 'tiny'}", f"data.train=[{data}]", f"output.dir={out}",
                                       f"train.max_steps={steps}", "train.save_every=null", "train.eval_every=null",
                                       "data.val_fraction=null", f"data.packing={str(layout != 'padded').lower()}",
+                                      "output.overwrite=true",
                                       "train.log_every=100000", *extra])
     real = engine.use_segment_attention
     if layout == "packed-mask":
@@ -80,7 +81,8 @@ def one_run(root: Path, data: Path, layout: str, steps: int, extra=()) -> dict:
     return {"sup": last["tokens_per_s"], "inp": last["input_tokens_per_s"], "samples": last["samples_per_s"]}
 
 
-def run(rounds: int, padded_steps: int) -> dict:
+def run(rounds: int, padded_steps: int, n: int = 2000, judge: bool = True,
+        compute_rounds: int = 15) -> dict:
     from medvl.data.dataset import index_prepared
     from medvl.engine.packing import padded_waste
     from medvl.tiny import build_tiny
@@ -91,7 +93,7 @@ def run(rounds: int, padded_steps: int) -> dict:
         build_tiny("qwen2.5-vl", root / "tiny")
         datasets = {}
         for kind in ("short", "varied"):
-            datasets[kind] = prepare_bench_data(root, kind == "varied", 2000, root / f"data-{kind}")
+            datasets[kind] = prepare_bench_data(root, kind == "varied", n, root / f"data-{kind}")
             lengths = list(index_prepared([datasets[kind]]).n_tokens)
             print(f"{kind}: {len(lengths)} samples, tokens/sample mean {sum(lengths) / len(lengths):.0f}, "
                   f"max {max(lengths)}, padded micro-batches of 8 are {padded_waste(lengths, 8):.0%} padding")
@@ -102,15 +104,16 @@ def run(rounds: int, padded_steps: int) -> dict:
                     results.setdefault(kind, {}).setdefault(layout, []).append(one_run(root, data, layout, steps))
             print(f"round {r + 1}/{rounds} done", file=sys.stderr)
         report(results)
-        print("\ncompute only (forward + backward of one 2,048-token row's samples, median of 15 interleaved):")
+        print(f"\ncompute only (forward + backward of one 2,048-token row's samples, median of {compute_rounds} "
+              "interleaved):")
         slow = []
         for kind, data in datasets.items():
-            t = compute_only(root, data)
+            t = compute_only(root, data, compute_rounds)
             print(f"{kind:>7} " + "  ".join(f"{lay} {t[lay] * 1000:.0f} ms ({t['padded'] / t[lay]:.2f}x padded)"
                                            for lay in LAYOUTS))
             if t["packed-segments"] > t["padded"]:
                 slow.append(kind)
-    if slow:  # the target: packing never slower than padding (end to end is too noisy here to judge on)
+    if slow and judge:  # the target: packing never slower than padding (end to end is too noisy here to judge on)
         raise SystemExit(f"packed rows computed slower than padded batches on: {', '.join(slow)}")
     return results
 

@@ -13,6 +13,7 @@ Exit status 1 when medvl's loop is slower than the Trainer's (loop ratio < 1.0).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,15 +23,16 @@ from pathlib import Path
 
 RUNS = ("medvl-full", "trainer-full", "medvl-lora", "trainer-lora")
 BATCH, LR, WARMUP, R, ALPHA, DROPOUT = 8, 1e-3, 10, 16, 32, 0.05
+WORKERS = int(os.environ.get("MEDVL_BENCH_WORKERS", "0"))  # data loader worker processes, both sides
 TARGET = 1.0  # never slower than the Trainer; medians of 3 runs on a shared 2-core machine swing by ~10 %
 
 
-def setup(root: Path) -> None:
+def setup(root: Path, n: int = 2400) -> None:
     from medvl.tiny import build_tiny
     from tests.bench.train_throughput import prepare_bench_data
 
     build_tiny("qwen2.5-vl", root / "tiny")
-    prepare_bench_data(root, False, 2400, root / "data")
+    prepare_bench_data(root, False, n, root / "data")
 
 
 def medvl_run(root: Path, method: str, steps: int) -> dict:
@@ -40,10 +42,11 @@ def medvl_run(root: Path, method: str, steps: int) -> dict:
     out = root / f"medvl-{method}"
     extra = [f"lora.r={R}", f"lora.alpha={ALPHA}", f"lora.dropout={DROPOUT}"] if method == "lora" else []
     recipe = load_recipe("tiny_cpu", [f"model.base={root / 'tiny'}", f"data.train=[{root / 'data'}]",
-                                      f"output.dir={out}", f"train.max_steps={steps}", "train.save_every=null",
+                                      f"output.dir={out}", "output.overwrite=true", f"train.max_steps={steps}", "train.save_every=null",
                                       "train.eval_every=null", "data.val_fraction=null", "data.packing=false",
                                       f"train.micro_batch_size={BATCH}", f"optim.lr={LR}",
                                       f"optim.warmup_steps={WARMUP}", "train.log_every=100000", f"method={method}",
+                                      f"data.num_workers={WORKERS}",
                                       *extra])
     train(recipe)
     last = [e for e in map(json.loads, open(out / "metrics.jsonl")) if e["kind"] == "train"][-1]
@@ -90,7 +93,7 @@ def trainer_run(root: Path, method: str, steps: int) -> dict:
     args = TrainingArguments(output_dir=str(root / f"trainer-{method}"), per_device_train_batch_size=BATCH,
                              max_steps=steps, learning_rate=LR, warmup_steps=WARMUP, lr_scheduler_type="cosine",
                              weight_decay=0.0, max_grad_norm=1.0, logging_steps=100000, save_strategy="no",
-                             report_to=[], use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False,
+                             report_to=[], use_cpu=True, dataloader_num_workers=WORKERS, remove_unused_columns=False,
                              seed=0, disable_tqdm=True)
     out = Trainer(model=model, args=args, train_dataset=_Data(), data_collator=collator).train()
     return {"loop": out.metrics["train_samples_per_second"]}
@@ -108,18 +111,19 @@ def child(root: str, run: str, steps: int) -> None:
 def measure(root: Path, run: str, steps: int) -> dict:
     t0 = time.perf_counter()
     code = f"from tests.bench.vs_trainer import child; child({str(root)!r}, {run!r}, {steps})"
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"}
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin",
+           "MEDVL_BENCH_WORKERS": str(WORKERS)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"{run} failed:\n{out.stderr[-3000:]}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]), wall=time.perf_counter() - t0)
 
 
-def run(rounds: int, steps: int) -> dict:
+def run(rounds: int, steps: int, n: int = 2400, judge: bool = True) -> dict:
     results: dict[str, list[dict]] = {r: [] for r in RUNS}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        setup(root)
+        setup(root, n)
         for i in range(rounds):
             for r in RUNS:
                 results[r].append(measure(root, r, steps))
@@ -135,7 +139,7 @@ def run(rounds: int, steps: int) -> dict:
         if m["loop"] / t["loop"] < TARGET:
             slow.append(method)
     print(f"target: loop ratio >= {TARGET} (issue 15's goal: >= 1.1)")
-    if slow:
+    if slow and judge:
         raise SystemExit(f"medvl's loop is slower than the Trainer's: {', '.join(slow)}")
     return med
 
