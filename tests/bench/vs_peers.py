@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -223,8 +222,7 @@ def measure(root: Path, tool: str, method: str, steps: int, exe: dict) -> dict:
            "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "",
            "HF_DATASETS_CACHE": str(root / "hf-datasets"), "MODELSCOPE_CACHE": str(root / "modelscope"),
            "MIN_PIXELS": "3136", "MAX_PIXELS": "12544", "VS_PEERS_OUT": str(root / "probe.json")}
-    if tool == "medvl":  # medvl refuses to train over a finished run (vs_trainer.medvl_run keeps no overwrite)
-        shutil.rmtree(root / f"medvl-{method}", ignore_errors=True)
+    if tool == "medvl":
         cmd = [sys.executable, "-c", f"from tests.bench.vs_peers import medvl_child; "
                                      f"medvl_child({str(root)!r}, {method!r}, {steps})"]
     else:
