@@ -24,22 +24,21 @@ torchvision and torchaudio are CUDA-linked: --no-deps, then made to import witho
 
 The peers get the same samples in their own formats (swift: messages jsonl plus a template registered with the tiny
 model's image-token ids, as its qwen2_5_vl template hard-codes Qwen's 151655; LLaMA-Factory: sharegpt json plus
-dataset_info.json, template qwen2_vl), the model folder plus a preprocessor_config.json (with torchvision present,
-transformers builds a video processor from it), and medvl's settings: micro-batch 8, lr 1e-3, warmup 10, cosine,
-weight decay 0, max grad norm 1.0, AdamW betas (0.9, 0.999), max length 256, image pixels 3136-12544, fp32, sdpa, no
-gradient checkpointing, no packing, 0 loader workers. LoRA r16 alpha32 dropout 0.05 on the language model's 14 linear
-layers (swift: medvl's regex; LLaMA-Factory: lora_target all, vision tower and projector frozen). Full: every
-parameter trains, like medvl's tiny_cpu (the peers' vision/aligner/projector freezes turned off). Each tool keeps its
-own collator, loss and optimizer choice (the last table shows them; all three pick fused AdamW).
+dataset_info.json, template qwen2_vl), the model folder plus a preprocessor_config.json (transformers builds the video
+processor from it once torchvision imports) and medvl's settings: micro-batch 8, lr 1e-3, warmup 10, cosine, weight
+decay 0, max grad norm 1.0, AdamW (0.9, 0.999), max length 256, image pixels 3136-12544, fp32, sdpa, no gradient
+checkpointing or packing, 0 loader workers; LoRA r16 alpha32 dropout 0.05 on the language model's 14 linear layers
+(swift: medvl's regex; LLaMA-Factory: lora_target all, vision and projector frozen); full: every parameter, as in
+tiny_cpu (the peers' vision/aligner/projector freezes off). Collator, loss and optimizer stay each tool's own.
 
 Measured per run, runs interleaved round by round, medians and (min-max) over rounds:
   loop   - each tool's own figure: medvl's samples_per_s at the last step, the peers' train_samples_per_second
-           (transformers' Trainer); both are samples / seconds from the loop's start to the end of its last step.
+           (transformers' Trainer): samples / seconds from the loop's start to the end of its last step.
   steady - one definition for all: samples of steps SKIP+1..STEPS / seconds from the end of step SKIP to the end of
            the last, clocked at each step's end (medvl: its scheduler step; peers: the Trainer's on_step_end).
   wall   - the whole process, start-up included; "wall speed" = peer wall / medvl wall.
   phases - ms per steady step in the DataLoader iterator, accelerate's backward, clip_grad_norm_ and optimizer step
-           (the same library calls in all three), and the rest (forward, loss, bookkeeping).
+           (the same library calls in all three) and the rest (forward, loss, bookkeeping).
 Not the same work inside the loop: LLaMA-Factory tokenizes every sample (and sizes its images) in a datasets.map pass
 before training, so its loader only loads images and collates; medvl and swift encode each sample in the loader.
 Exit status 1 when medvl's steady loop is slower than a peer's (ratio < vs_trainer.TARGET).
