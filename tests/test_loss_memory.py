@@ -9,12 +9,13 @@ import pytest
 VOCAB, SEQ = 50000, 2048
 
 _CHILD = """
-import json, resource, torch
+import json, torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from medvl.engine.loss import token_loss_sum
 from medvl.families import get_family
+from tests.bench.loss_memory import peak_rss, reset_peak_rss
 torch.manual_seed(0)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = reset_peak_rss()
 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained({path!r}), attn_implementation="sdpa")
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 ids = torch.randint(0, {vocab}, (1, {seq}))
@@ -24,7 +25,7 @@ for _ in range(2):  # the second step runs with AdamW's moments allocated
     token_loss_sum(model, get_family("causal-lm"), batch{chunk}).backward()
     opt.step()
     opt.zero_grad(set_to_none=False)
-print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20))
+print(json.dumps((peak_rss() - base) / 2**20))
 """
 
 
