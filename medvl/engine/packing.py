@@ -6,23 +6,26 @@ all row^2 query-key pairs although only sum(n_i^2) are wanted; a row of 8 x 256 
 work of its samples. medvl instead passes the row's sample boundaries (`cu_seq_lens_q/k`, the varlen keywords
 transformers forwards to the attention function) and
   - on flash_attention_2 (GPU), transformers' varlen path uses them directly;
-  - on sdpa, the model runs `medvl_sdpa_segments`: causal sdpa once per sample (no mask built at all), and
-    plain sdpa for everything else (padded batches, generation, the bidirectional vision towers).
+  - on sdpa, the model runs `medvl_sdpa_segments`: causal sdpa once per sample (no mask built at all), or once
+    over the row's samples right-padded to the longest when that costs at most BATCHED_WORK_LIMIT x the exact
+    work (similar lengths: one kernel call instead of dozens), and plain sdpa for everything else (padded
+    batches, generation, the bidirectional vision towers).
 torch 2.13's own `torch.nn.attention.varlen.varlen_attn` runs only on CUDA (on CPU: NotImplementedError for
 aten::_flash_attention_forward), so it is not an option for the CPU path.
 
 `auto` packs when the attention runs per sample (sdpa, flash_attention_2) and pads with eager, from
-tests/bench/train_throughput.py (tiny Qwen2.5-VL, shared 2-core CPU; speed relative to padded micro-batches of 8):
-    data (padding of padded batches)     block mask over the row   per-sample sdpa
+tests/bench/train_throughput.py (tiny Qwen2.5-VL, 2-core CPU, quiet; speed relative to padded micro-batches of 8,
+medians of 3 interleaved rounds):
+    data (padding of padded batches)     block mask over the row   per sample
     short answers, like the demo (6 %)
-      forward + backward, same samples            0.38x                 1.30x
-      end to end, supervised tokens/s         0.52-0.76x            1.04-1.76x
+      forward + backward, same samples            0.44x                 1.67x
+      end to end, supervised tokens/s             0.53x                 1.44x
     1-40-word answers (29 %)
-      forward + backward, same samples            0.37x                 1.36x
-      end to end, supervised tokens/s         0.42-0.72x            1.16-3.12x
-(end to end: medians of 3-5 interleaved rounds; the range over three such runs on a machine shared with other jobs.)
+      forward + backward, same samples            0.38x                 1.41x
+      end to end, supervised tokens/s             0.47x                 1.40x
 Per-sample attention wins even with little padding: one packed row runs the layers once for ~40 short
-samples where padded batches run them 5 times, and the fixed per-step costs are shared by more samples.
+samples where padded batches run them 5 times, and the fixed per-step costs are shared by more samples. With
+29 % padding, removing it saves at most 1/0.71 = 1.41x of the work, which the varied data reaches.
 """
 
 from __future__ import annotations
