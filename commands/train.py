@@ -83,6 +83,8 @@ def train(
 
     view = TrainConsole()
     try:
-        run(r, resume=resume, sinks=[view])
+        result = run(r, resume=resume, sinks=[view])
     finally:
         view.close()  # a stopped run must not leave the live panel drawing over the error message
+    if result.already_finished:  # the total only known once the data loaded (epochs) came out at or below it
+        console.print(finished_run(Path(r.output.dir), resume).nothing_to_do())

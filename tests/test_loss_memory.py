@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,8 @@ print(json.dumps((peak_rss() - base) / 2**20))
 def _measured_gb(path, chunk="") -> float:
     code = _CHILD.format(path=str(path), vocab=VOCAB, seq=SEQ, chunk=chunk)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                         env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+                         cwd=Path(__file__).resolve().parent.parent)  # `tests.bench` from any working directory
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

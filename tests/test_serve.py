@@ -443,3 +443,21 @@ def test_port_in_use_and_not_a_model(tiny_dir, tmp_path):
     assert out.returncode == 2 and "--port" in out.stderr and "Traceback" not in out.stderr
     out = run_cli(str(tmp_path), "--port", str(free_port()))
     assert out.returncode == 2 and str(tmp_path) in out.stderr.replace("\n", "") and "Traceback" not in out.stderr
+
+
+def test_requests_racing_a_shutdown_get_503_not_a_traceback():
+    """After close(), the image pool is gone: a request still arriving gets the shutting-down 503 (it got a
+    RuntimeError from the pool, a 500 with a traceback)."""
+    from types import SimpleNamespace
+
+    from medvl.server.batching import Batcher
+    from medvl.server.protocol import ApiError
+
+    batcher = Batcher(SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0)))
+    batcher.start()
+    batcher.close()
+    exc = batcher.load_images(SimpleNamespace(messages=[])).exception(timeout=5)
+    assert isinstance(exc, ApiError) and exc.status == 503
+    batcher._closed = False  # the race: the check passed, then the pool shut down
+    exc = batcher.load_images(SimpleNamespace(messages=[])).exception(timeout=5)
+    assert isinstance(exc, ApiError) and exc.status == 503

@@ -91,3 +91,22 @@ def test_a_finished_run_without_checkpoints_is_not_started_over(tiny_dir, prepar
     assert "finished at step 4 but kept no checkpoint" in str(res.exception)
     assert f"model.base={out / 'final'}" in str(res.exception)
     assert snapshot(out) == before
+
+
+def test_a_moved_run_is_still_known_as_finished(tiny_dir, prepared_text, tmp_path):
+    """metrics.jsonl records final/ where the run was written; after `mv` that path is gone, and reading it made
+    the guard skip a finished run without checkpoints, which --resume auto then started over."""
+    from medvl.config import load_recipe
+    from medvl.engine.checkpoint import finished_run
+
+    first = tmp_path / "first"
+    train(load_recipe("tiny_cpu", overrides(tiny_dir("causal-lm"), prepared_text, first, "train.save_every=null")))
+    moved = first.rename(tmp_path / "moved")
+    before = snapshot(moved)
+    with pytest.raises(MedvlError, match="finished at step 4 but kept no checkpoint") as err:
+        finished_run(moved, "auto")
+    assert f"model.base={moved / 'final'}" in err.value.fix
+    args = overrides(tiny_dir("causal-lm"), prepared_text, moved, "train.save_every=null", "train.max_steps=6")
+    with pytest.raises(MedvlError, match="kept no checkpoint"):
+        train(load_recipe("tiny_cpu", args), resume="auto")
+    assert snapshot(moved) == before

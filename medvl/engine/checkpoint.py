@@ -147,15 +147,19 @@ def finished_run(run_dir: Path, resume: str | None) -> FinishedRun | None:
                 start, end = event, None  # a later start (a resume) reopens the run
             elif isinstance(event, EndEvent) and event.step is not None:
                 end = event
-    final = Path(end.final_dir) if end is not None and end.final_dir else Path(run_dir) / "final"
-    if end is None or not final.is_dir():
+    if end is None:
         return None
+    # Where train() writes it, not the end event's final_dir: that path is stale once the run folder is moved or
+    # copied, or was recorded relative to another working directory, and the guard must not be skipped then.
+    final = Path(run_dir) / "final"
     found = resolve_resume(resume, run_dir)
     if found is None:
+        fix = (f"train on from its final model in a new run: model.base={final} output.dir=ANOTHER_DIR (or start "
+               "over with output.overwrite=true)" if final.is_dir() else
+               "start it over with output.overwrite=true (its final/ model is gone too)")
         raise MedvlError(f"run {run_dir} finished at step {end.step} but kept no checkpoint (train.save_every: 0), "
                          "so it cannot be continued: --resume auto would start it over", where=str(run_dir),
-                         fix=f"train on from its final model in a new run: model.base={final} "
-                             "output.dir=ANOTHER_DIR (or start over with output.overwrite=true)")
+                         fix=fix)
     if step_of(found) < end.step:
         return None
     return FinishedRun(end.step, final, start.steps_per_epoch if start is not None else None)

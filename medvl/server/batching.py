@@ -20,6 +20,8 @@ answered with its 400 without reaching the worker.
 
 from __future__ import annotations
 
+import contextlib
+
 import queue
 import threading
 import time
@@ -89,7 +91,12 @@ class Batcher:
     def load_images(self, request: ChatRequest) -> Future:
         """Decode the request's images in the image threads (`medvl.server.images`); the future raises the
         ApiError of a bad one. The HTTP handler awaits it before `submit`, so a bad image is a plain 400."""
-        return self._images.submit(load_request_images, request, self.limits)
+        with contextlib.suppress(RuntimeError):  # the pool shut down between the check and the submit
+            if not self._closed:
+                return self._images.submit(load_request_images, request, self.limits)
+        stopping: Future = Future()  # a 503 like submit's, not a 500 traceback from a shut-down pool
+        stopping.set_exception(ApiError(503, "the server is shutting down", type="server_error"))
+        return stopping
 
     def submit(self, job: Job) -> None:
         """Queue a job; never blocks. Images not decoded yet are decoded in the image threads first: the worker
