@@ -42,14 +42,18 @@ def probe_inputs(processor, family: Family) -> dict:
 
 
 def run_probe(model, inputs: dict, max_new_tokens: int) -> tuple:
-    """(fp32 logits of the prompt [T, V], greedily generated token ids) in the model's own dtype."""
+    """(fp32 logits of the prompt [T, V], `max_new_tokens` greedily generated token ids) in the model's own dtype.
+    Never fewer: end of sequence is held off (min_new_tokens), so every parity check compares the same number of
+    tokens; a random tiny model that happened to emit its eos at token 4 (it did, depending on which tests ran
+    before in the same process) compared half of them."""
     import torch
 
     dtype = next(model.parameters()).dtype
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.no_grad():
         logits = model(**inputs).logits[0].float()
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1)
     return logits, out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
