@@ -50,7 +50,7 @@ def train(
         return
     from pathlib import Path
 
-    from medvl.engine.checkpoint import finished_run
+    from medvl.engine.checkpoint import FinishedRun, finished_run
 
     finished = finished_run(Path(r.output.dir), resume)  # before launching anything: it may have nothing to do
     if finished is not None and finished.done_for(r):
@@ -87,4 +87,4 @@ def train(
     finally:
         view.close()  # a stopped run must not leave the live panel drawing over the error message
     if result.already_finished:  # the total only known once the data loaded (epochs) came out at or below it
-        console.print(finished_run(Path(r.output.dir), resume).nothing_to_do())
+        console.print(FinishedRun(result.steps, result.final_dir, None).nothing_to_do())

@@ -107,6 +107,11 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 # recipe now says (recorded only as a recipe_change): with the same steps it re-saved its last checkpoint and
 # final/ for nothing. Now the same (or fewer) steps is "nothing to do", and more steps is an announced extension.
 
+def total_steps(recipe, steps_per_epoch: int) -> int:
+    """The optimizer steps a recipe asks for: train.max_steps, else its epochs at `steps_per_epoch`."""
+    return recipe.train.max_steps or max(1, int(steps_per_epoch * recipe.train.epochs))
+
+
 @dataclass
 class FinishedRun:
     """A run whose last start was followed by its end: final/ holds the model of step `step`."""
@@ -117,9 +122,9 @@ class FinishedRun:
 
     def total_steps(self, recipe) -> int | None:
         """The steps `recipe` asks for in all (None: epoch-based and the run never said its epoch length)."""
-        if recipe.train.max_steps:
-            return recipe.train.max_steps
-        return max(1, int(self.steps_per_epoch * recipe.train.epochs)) if self.steps_per_epoch else None
+        if recipe.train.max_steps or self.steps_per_epoch:
+            return total_steps(recipe, self.steps_per_epoch)
+        return None
 
     def done_for(self, recipe) -> bool:
         """`recipe` asks for no step beyond the finished run's end (unknown before the data loads: False)."""

@@ -30,6 +30,8 @@ samples where padded batches run them 5 times, and the fixed per-step costs are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 SEGMENT_ATTENTION = "medvl_sdpa_segments"
 
 
@@ -98,14 +100,18 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 BATCHED_WORK_LIMIT = 1.5
 
 
+@dataclass
 class SegmentLayout:
     """How a packed row's samples are attended: `bounds` (the row's sample boundaries) and, when one padded sdpa
     call is cheaper than one per sample, `index` (row position of every padded slot; a padded slot repeats its
     sample's last token, which only the discarded padded queries can see under the causal mask) and `keep`
     (the padded slot of every row position, in row order)."""
 
-    def __init__(self, bounds: list[int], index=None, keep=None, n: int = 0, longest: int = 0):
-        self.bounds, self.index, self.keep, self.n, self.longest = bounds, index, keep, n, longest
+    bounds: list[int]
+    index: object = None  # LongTensor, or None: attend per sample
+    keep: object = None
+    n: int = 0
+    longest: int = 0
 
 
 def segment_layout(bounds: list[int], row: int, device) -> SegmentLayout:

@@ -104,7 +104,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
         use_segment_attention(model)  # sdpa: attention per packed sample (medvl/engine/packing.py)
     flops_token, peak = flops_per_token(model, family), peak_flops(accelerator.device, recipe.train.precision,
                                                                    recipe.model.dtype)
-    total_steps = recipe.train.max_steps or max(1, int(batch_plan.steps_per_epoch * recipe.train.epochs))
+    total_steps = ckpt.total_steps(recipe, batch_plan.steps_per_epoch)
     if finished is not None and total_steps <= finished.step:  # epoch-based, its length known only now
         return RunResult(run_dir, finished.final_dir, finished.step, table=table, already_finished=True)
     optimizer = build_optimizer(param_groups(model, family, plan, recipe.optim.weight_decay),
