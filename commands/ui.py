@@ -152,8 +152,9 @@ class TrainConsole:
                      else f"{event.world_size} processes ({event.distributed})")  # NO: accelerate's "not distributed"
             self.console.print(f"[bold]run[/] {event.run_dir}  family {event.family}  {procs}, {event.device}  "
                                f"global batch {event.global_batch}  steps {event.start_step}->{event.total_steps}")
-            if event.packing:
-                self.console.print(f"[dim]{event.packing}[/]")
+            for note in (event.packing, event.text_tokens):
+                if note:
+                    self.console.print(f"[dim]{note}[/]")
             if self.console.is_terminal and self.live is None:
                 from rich.live import Live
 

@@ -134,9 +134,9 @@ def test_measured_length_equals_encoded_length(family, tiny_dir):
     proc = load_processor(tiny_dir(family))
     pairs = [(TEXT, [])] + ([(ONE, _images(1)), (TWO, _images(2))] if fam.is_vision else [])
     for rec, imgs in pairs:
-        kept, n, visual = measure(rec, [im.size for im in imgs], proc, fam)
+        kept, n, visual, _ = measure(rec, [im.size for im in imgs], proc, fam)
         assert n == len(encode_record(rec, imgs, proc, fam)), rec["id"]
-    kept, n, _ = measure(TEXT, [], proc, fam, max_seq_len=n - 1 if not fam.is_vision else 10_000)
+    kept, n, _, _ = measure(TEXT, [], proc, fam, max_seq_len=n - 1 if not fam.is_vision else 10_000)
     if not fam.is_vision:
         assert len(kept) == 2  # trailing exchange dropped, as the trainer would
 
@@ -211,7 +211,7 @@ def test_prepare_measures_the_inserted_eos():
                 "{{ m.content }} {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
     tok = _text_tokenizer_with(template, [], eos_token="<|endoftext|>")
     fam = get_family("causal-lm")
-    _, n, _ = measure(TEXT, [], tok, fam)
+    _, n, _, _ = measure(TEXT, [], tok, fam)
     assert n == len(encode_record(TEXT, [], tok, fam))
 
 
@@ -228,7 +228,7 @@ def test_answer_ending_in_whitespace_keeps_the_templates_end_of_turn(qwen):
 def test_qwen_image_expansion_equals_the_processor(family, tiny_dir, monkeypatch):
     """The Qwen-VL encoding skips the processor's text pass (collate._expand_qwen_images): ids, labels, token
     types and pixel tensors must be exactly the processor's, for one and several images of different sizes,
-    multi-turn samples (with truncation) and an image inside an assistant turn."""
+    multi-turn samples (with truncation), an image inside an assistant turn, and a text-only sample."""
     import medvl.data.collate as collate_mod
     from medvl.models import apply_resolution
 
@@ -240,7 +240,7 @@ def test_qwen_image_expansion_equals_the_processor(family, tiny_dir, monkeypatch
         {"role": "user", "content": "<image>first?"}, {"role": "assistant", "content": "a circle"},
         {"role": "user", "content": "and this <image>"}, {"role": "assistant", "content": "see <image> here"}]}
     cases = [(ONE, _images(1), None), (TWO, _images(2), None), (late, _images(2) + [big], None),
-             (late, _images(2) + [big], 60)]
+             (late, _images(2) + [big], 60), (TEXT, [], None)]
     fast_calls = []
     real = collate_mod._expand_qwen_images
     monkeypatch.setattr(collate_mod, "_expand_qwen_images", lambda *a: fast_calls.append(real(*a)) or fast_calls[-1])

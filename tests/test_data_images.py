@@ -202,7 +202,7 @@ def test_prepare_counts_the_tokens_the_processor_produces(family, tiny_dir):
     for h, w in SIZES:
         rec = {"id": "s", "messages": [{"role": "user", "content": "<image>what is this?"},
                                        {"role": "assistant", "content": "a scan"}]}
-        _, n_tokens, visual = measure(rec, [(w, h)], proc, fam)
+        _, n_tokens, visual, _ = measure(rec, [(w, h)], proc, fam)
         ids = encode_record(rec, [Image.new("RGB", (w, h))], proc, fam).input_ids
         assert n_tokens == len(ids), (h, w)
         # The count covers the image tokens plus InternVL's <img>...</img> wrapper (2 tokens).

@@ -96,20 +96,40 @@ def align_labels(expanded: list[int], plain: list[int], plain_labels: list[int])
 # ---------------------------------------------------------------------------------------------------------
 # one record -> Encoded, with image-safe truncation
 
-def _encode_once(messages, images, processor, family: Family, loss_mask: str, sample_id: str) -> Encoded:
-    tok = tokenizer_of(processor)
+def encode_text(messages, processor, family: Family, loss_mask: str) -> tuple[str, list[int], list[int]]:
+    """(rendered text, its token ids, labels): the chat template and the loss mask, before any image is expanded
+    (each image is still its one placeholder token)."""
     text, spans = render_with_spans(processor, messages, family, loss_mask)
-    plain = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = labels_from_spans(plain["offset_mapping"], plain["input_ids"], spans)
+    plain = tokenizer_of(processor)(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text, plain["input_ids"], labels_from_spans(plain["offset_mapping"], plain["input_ids"], spans)
+
+
+def expands_from_ids(family: Family) -> bool:
+    """Whether a sample's model inputs can be built from its text token ids alone (no rendered text): text-only
+    models, and the Qwen-VL families, whose image tokens expand by a rule (`_expand_qwen_images`). LLaVA and
+    InternVL go through their processor, which tokenizes the text itself."""
+    return not family.is_vision or family.mrope
+
+
+def _encode_once(messages, images, processor, family: Family, loss_mask: str, sample_id: str,
+                 stored: tuple[list[int], list[int]] | None = None) -> Encoded:
+    """`stored`: these messages' (ids, labels) as prepare-data wrote them (`text_encoding_key` matched)."""
+    text = None
+    if stored is not None and expands_from_ids(family):
+        plain_ids, labels = stored
+    else:
+        text, plain_ids, labels = encode_text(messages, processor, family, loss_mask)
     if not family.is_vision:
-        return Encoded(plain["input_ids"], labels, sample_id=sample_id)
-    if images and family.mrope:
-        enc = _expand_qwen_images(plain["input_ids"], labels, images, processor, family, sample_id)
+        return Encoded(list(plain_ids), labels, sample_id=sample_id)
+    if family.mrope:
+        enc = _expand_qwen_images(plain_ids, labels, images, processor, family, sample_id)
         if enc is not None:
             return enc
+        if text is None:  # the processor reports what the rule could not handle (placeholders vs images)
+            text, plain_ids, labels = encode_text(messages, processor, family, loss_mask)
     out = processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
     ids = out["input_ids"][0].tolist()
-    enc = Encoded(ids, align_labels(ids, plain["input_ids"], labels), n_images=len(images), sample_id=sample_id)
+    enc = Encoded(ids, align_labels(ids, plain_ids, labels), n_images=len(images), sample_id=sample_id)
     if "mm_token_type_ids" in out:
         enc.mm_token_type_ids = out["mm_token_type_ids"][0].tolist()
     enc.vision = {k: v for k, v in out.items() if k not in TOKEN_KEYS} if images else {}
@@ -128,6 +148,8 @@ def _expand_qwen_images(plain_ids, plain_labels, images, processor, family: Fami
     image_id = tokenizer_of(processor).convert_tokens_to_ids(family.image_token)
     if merge is None or not isinstance(image_id, int) or plain_ids.count(image_id) != len(images):
         return None
+    if not images:  # a text-only sample: what the processor returns for it (its ids, all-zero token types)
+        return Encoded(list(plain_ids), list(plain_labels), {}, [0] * len(plain_ids), 0, sample_id=sample_id)
     vision = ip(images=images, return_tensors="pt")
     grid = vision.get("image_grid_thw")
     if grid is None or len(grid) != len(images):
@@ -151,8 +173,11 @@ def _cut_points(messages: list[dict]) -> list[int]:
 
 
 def encode_record(record: dict, images: list, processor, family: Family, *, loss_mask: str = "all",
-                  max_seq_len: int | None = None) -> Encoded | Rejected:
-    """Encode one normalized record (images already loaded as PIL, in placeholder order)."""
+                  max_seq_len: int | None = None, stored: tuple[list[int], list[int]] | None = None
+                  ) -> Encoded | Rejected:
+    """Encode one normalized record (images already loaded as PIL, in placeholder order). `stored`: the text
+    (ids, labels) prepare-data wrote for the record (medvl/data/stored_tokens.py), used for its longest trainable
+    prefix, the one prepare-data measured; a cut made here for max_seq_len is encoded afresh."""
     messages, sample_id = record["messages"], str(record.get("id", ""))
     try:
         for n_dropped, cut in enumerate(_cut_points(messages)):
@@ -160,7 +185,8 @@ def encode_record(record: dict, images: list, processor, family: Family, *, loss
             if not trained_turns(kept, loss_mask):
                 break
             n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in kept)
-            enc = _encode_once(kept, images[:n_img], processor, family, loss_mask, sample_id)
+            enc = _encode_once(kept, images[:n_img], processor, family, loss_mask, sample_id,
+                               stored if n_dropped == 0 else None)
             if max_seq_len is None or len(enc) <= max_seq_len:
                 enc.dropped_turns = len(messages) - cut
                 if enc.n_supervised == 0:
@@ -293,10 +319,10 @@ def visual_token_counts(processor, family: Family, image_sizes: list[tuple[int, 
 
 def measure(record: dict, image_sizes: list[tuple[int, int]], processor, family: Family, *,
             loss_mask: str = "all", max_seq_len: int | None = None):
-    """(kept messages, n_tokens, visual tokens per kept image) for a record, or a Rejected.
+    """(kept messages, n_tokens, visual tokens per kept image, (text ids, labels) of the kept messages) for a
+    record, or a Rejected.
 
     The same rule as encode_record: drop whole trailing turns (and their images) until it fits."""
-    tok = tokenizer_of(processor)
     check_template(processor, family.is_vision)  # MedvlError once, before any sample, for an unusable template
     messages = record["messages"]
     visual = visual_token_counts(processor, family, image_sizes) if family.is_vision else []
@@ -306,11 +332,11 @@ def measure(record: dict, image_sizes: list[tuple[int, int]], processor, family:
             kept = messages[:cut]
             if not trained_turns(kept, loss_mask):
                 break
-            text, _ = render_with_spans(processor, kept, family, loss_mask)
+            _, ids, labels = encode_text(kept, processor, family, loss_mask)
             n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in kept)
-            n = len(tok(text, add_special_tokens=False)["input_ids"]) - n_img + sum(visual[:n_img])
+            n = len(ids) - n_img + sum(visual[:n_img])
             if max_seq_len is None or n <= max_seq_len:
-                return kept, n, visual[:n_img]
+                return kept, n, visual[:n_img], (ids, labels)
             last_len = n
     except ValueError as exc:
         return Rejected(str(record.get("id", "")), "template", str(exc))

@@ -40,6 +40,7 @@ class SampleIndex:
     n_tokens: array  # int32 per sample, -1 when unknown
     roots: list[Path]  # per shard: the prepared directory (image paths without an image_root resolve in it)
     image_roots: list[tuple[str, ...]] = ()  # per shard: the folders its images may be opened in (manifest)
+    text_keys: list[str | None] = ()  # per shard: the key its records' meta.tokens were made under (stored_tokens.py)
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -119,7 +120,7 @@ def verify_recipe_data(recipe) -> None:
 
 
 def index_prepared(dirs: list[str | Path]) -> SampleIndex:
-    shards, roots, image_roots = [], [], []
+    shards, roots, image_roots, text_keys = [], [], [], []
     shard_of, offset, n_tokens = array("H"), array("Q"), array("i")
     for d in map(Path, dirs):
         manifest = verify_prepared(d)
@@ -131,6 +132,7 @@ def index_prepared(dirs: list[str | Path]) -> SampleIndex:
             shards.append(path)
             roots.append(d)
             image_roots.append(allowed)
+            text_keys.append(manifest.get("text_encoding_key"))
             count, pos, digest = 0, 0, hashlib.sha256()
             with open(path, "rb") as f:
                 for lineno, line in enumerate(f, 1):
@@ -148,7 +150,7 @@ def index_prepared(dirs: list[str | Path]) -> SampleIndex:
                 raise _fail(f"{entry['file']} does not match manifest.json ({got}; the manifest says "
                             f"{entry['records']} records, SHA-256 {entry['sha256'][:12]}...): the shard was truncated "
                             "or changed after prepare-data", path)
-    return SampleIndex(shards, shard_of, offset, n_tokens, roots, image_roots)
+    return SampleIndex(shards, shard_of, offset, n_tokens, roots, image_roots, text_keys)
 
 
 def _parse_line(line: bytes, path: Path, lineno: int) -> dict:
@@ -186,12 +188,19 @@ def _check_paths(rec: dict, d: Path, allowed: tuple[str, ...], where: str, ok_ba
 
 
 class EncodedDataset:
-    """Map-style dataset: index i -> Encoded (or Rejected, which the collate step drops and counts)."""
+    """Map-style dataset: index i -> Encoded (or Rejected, which the collate step drops and counts).
+
+    Records whose shard was prepared under this run's text encoding key carry their text ids (meta.tokens) and
+    skip the chat template and the tokenizer (medvl/data/stored_tokens.py)."""
 
     def __init__(self, index: SampleIndex, processor, family, *, loss_mask: str, max_seq_len: int | None,
                  load_image):
+        from medvl.data.stored_tokens import text_encoding_key
+
         self.index, self.processor, self.family = index, processor, family
         self.loss_mask, self.max_seq_len, self.load_image = loss_mask, max_seq_len, load_image
+        key = text_encoding_key(processor, family, loss_mask) if any(index.text_keys) else None
+        self.stored_shards = [key is not None and k == key for k in index.text_keys]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -199,8 +208,13 @@ class EncodedDataset:
     def record(self, i: int) -> dict:
         return self.index.read(i)
 
+    def stored_count(self, ids) -> int:
+        """How many of these samples carry text ids this run can use."""
+        return sum(1 for i in ids if self.stored_shards[self.index.shard_of[i]])
+
     def __getitem__(self, i: int):
         from medvl.data.collate import encode_record
+        from medvl.data.stored_tokens import from_stored
 
         rec = self.index.read(i)
         if rec.get("images") and not self.family.is_vision:
@@ -210,8 +224,9 @@ class EncodedDataset:
                             f"{len(rec['images'])} image(s) but {self.family.name} is a text-only model")
         # image_root is a str in the JSON line; relative paths (every real dataset's `images/...`) join onto it
         images = [self.load_image(p) for p in self.index.image_paths(i, rec)]
+        tokens = rec["meta"].get("tokens") if self.stored_shards[self.index.shard_of[i]] else None
         return encode_record(rec, images, self.processor, self.family, loss_mask=self.loss_mask,
-                             max_seq_len=self.max_seq_len)
+                             max_seq_len=self.max_seq_len, stored=from_stored(tokens) if tokens else None)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from medvl.data.images import ResolutionPolicy
 from medvl.data.inputs import FileReport, Skipped, expand_inputs, read_inputs, unique_ids
 from medvl.data.output import cleanup_failed, open_output
 from medvl.data.schema import Record, Rejection
+from medvl.data.stored_tokens import text_encoding_key, to_stored
 from medvl.errors import MedvlError
 from medvl.progress import NullProgress
 from medvl.versions import library_versions
@@ -110,6 +111,7 @@ def _worker_init(settings: Settings) -> None:
         processor = load_processor(settings.model, family)
         apply_resolution(processor, family, settings.min_pixels, settings.max_pixels)
         _WORKER["family"], _WORKER["processor"] = family, processor
+        _WORKER["text_key"] = text_encoding_key(processor, family, settings.loss_mask)
 
 
 def _policy(settings: Settings) -> CheckPolicy:
@@ -142,7 +144,7 @@ def process_item(item: Record | Rejection, settings: Settings) -> dict | Rejecti
         if isinstance(out, Rejected):
             code = {"too_long": "too-long", "no_supervised_tokens": "no-trainable-turn"}.get(out.reason, "template")
             return Rejection(code, out.message, checked.location, checked.id)
-        kept, n_tokens, visual = out
+        kept, n_tokens, visual, text = out
         if len(kept) < len(rec["messages"]):
             dropped = len(rec["messages"]) - len(kept)
             rec["messages"] = kept
@@ -151,6 +153,8 @@ def process_item(item: Record | Rejection, settings: Settings) -> dict | Rejecti
             rec["meta"].setdefault("repairs", []).append(f"dropped {dropped} trailing turn(s) to fit max_seq_len")
         rec["meta"]["n_tokens"] = n_tokens
         rec["meta"]["visual_tokens"] = visual
+        if _WORKER["text_key"]:
+            rec["meta"]["tokens"] = to_stored(*text)
     return rec
 
 
@@ -162,7 +166,7 @@ def process_shard(k: int, items: list, out_dir: str, settings: Settings | None =
     out = Path(out_dir)
     stats = {"shard": k, "inputs": len(items), "accepted": 0, "rejected": Counter(), "sources": Counter(),
              "rejected_sources": Counter(), "images": 0, "n_tokens": [], "visual_tokens": [], "modalities": Counter(),
-             "repaired": 0, "image_roots": set()}
+             "repaired": 0, "image_roots": set(), "text_key": _WORKER.get("text_key")}
     data_tmp, quar_tmp = out / f".data-{k:05d}.jsonl.tmp", out / f".quarantine-{k:05d}.jsonl.tmp"
     with open(data_tmp, "w", encoding="utf-8") as data, open(quar_tmp, "w", encoding="utf-8") as quar:
         for item in items:
@@ -358,7 +362,7 @@ def _finish(out: Path, settings: Settings, skipped: int, progress, reports: list
     all_stats = sorted((json.loads(p.read_text()) for p in out.glob("stats-*.json")), key=lambda s: s["shard"])
     totals = {"inputs": 0, "accepted": 0, "images": 0, "repaired": 0}
     rejected, sources, rejected_sources, modalities = Counter(), Counter(), Counter(), Counter()
-    n_tokens, visual, shard_files = [], [], []
+    n_tokens, visual, shard_files, text_keys = [], [], [], set()
     image_roots = set(settings.image_roots) | {str(Path(p).parent) for p in settings.inputs}
     content = hashlib.sha256()
     with open(out / ".quarantine.jsonl.tmp", "w", encoding="utf-8") as quar:
@@ -374,6 +378,7 @@ def _finish(out: Path, settings: Settings, skipped: int, progress, reports: list
             content.update(s["sha256"].encode())
             shard_files.append({"file": f"data-{s['shard']:05d}.jsonl", "records": s["accepted"], "sha256": s["sha256"]})
             image_roots.update(s.get("image_roots", []))
+            text_keys.add(s.get("text_key"))
             with open(out / f"quarantine-{s['shard']:05d}.jsonl", encoding="utf-8") as f:
                 quar.write(f.read())
     os.replace(out / ".quarantine.jsonl.tmp", out / "quarantine.jsonl")
@@ -392,6 +397,9 @@ def _finish(out: Path, settings: Settings, skipped: int, progress, reports: list
         "shard_files": shard_files,
         # the folders training may open images in (paths.py root rule, re-checked when the data is loaded)
         "image_roots": sorted(image_roots),
+        # records carry meta.tokens made under this key (stored_tokens.py); null when none do, or when shards of a
+        # resumed run were made under different keys (a changed tokenizer or template between the two runs)
+        "text_encoding_key": text_keys.pop() if len(text_keys) == 1 else None,
         # a folder of 100k images beside the JSON must not make a 10 MB manifest: the first 200, and the count
         "files": files, "warnings": [w for f in files for w in f["warnings"]],
         "skipped_files": [asdict(x) for x in skipped_files[:200]],

@@ -45,6 +45,22 @@ def build_data(recipe, family, processor, accelerator):
     return dataset, train_ids, plan, val, packing_note
 
 
+def text_tokens_note(dataset, ids: list[int]) -> str:
+    """The run header's line on where the text tokens come from (medvl/data/stored_tokens.py)."""
+    from medvl.data.collate import expands_from_ids
+
+    n = dataset.stored_count(ids)
+    if n == len(ids):
+        return f"text tokens: stored by prepare-data for all {n:,} samples"
+    if not expands_from_ids(dataset.family):
+        return f"text tokens: encoded in the loader ({dataset.family.name}'s processor tokenizes the text itself)"
+    why = ("prepared with another tokenizer, chat template or loss mask" if any(dataset.index.text_keys)
+           else "prepared without --model")
+    what = f"{len(ids) - n:,} of {len(ids):,} samples" if n else "all samples"
+    return (f"text tokens: encoded in the loader for {what} ({why}); prepare-data --model with this model "
+            "stores them")
+
+
 def load_image(path):
     from medvl.data.images import load_image as load  # PIL + DICOM; imported only when a sample has images
 

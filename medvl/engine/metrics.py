@@ -75,6 +75,8 @@ class StartEvent(Event):
     keep_last: int | None = None
     packing: str | None = None
     """How data.packing resolved on this machine ("packed rows, attention per sample (sdpa)" / "padded ...")."""
+    text_tokens: str | None = None
+    """Where the samples' text tokens come from: stored by prepare-data, or encoded in the loader (and why)."""
     pid: int | None = None
     host: str | None = None
     finished_at: int | None = None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from medvl.engine import checkpoint as ckpt
 from medvl.engine import guards
-from medvl.engine.batches import build_data, idle_batch, idle_sample, keepalive_sample, make_loader
+from medvl.engine.batches import build_data, idle_batch, idle_sample, keepalive_sample, make_loader, text_tokens_note
 from medvl.engine.loss import require_supervision, supervised_tokens, token_loss_sum
 from medvl.engine.metrics import (CheckpointEvent, EndEvent, EvalEvent, Fanout, JsonlSink, StartEvent, TrainEvent,
                                   device_stats, dir_size, process_facts, record_stop, trainable_params)
@@ -142,7 +142,7 @@ def train(recipe, *, resume: str | None = None, sinks=(), stop_after_step: int |
                 steps_per_epoch=batch_plan.steps_per_epoch, samples=len(train_ids),
                 dropped_per_epoch=batch_plan.dropped_per_epoch(), trainable_params=trainable_params(table), table=table,
                 distributed=accelerator.distributed_type.name, device=str(accelerator.device),
-                keep_last=recipe.train.keep_last, packing=packing_note,
+                keep_last=recipe.train.keep_last, packing=packing_note, text_tokens=text_tokens_note(dataset, train_ids),
                 finished_at=finished.step if finished is not None else None, **process_facts()))
             if changes:
                 sink.log(ckpt.recipe_change_event(start, changes))
