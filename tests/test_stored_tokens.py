@@ -93,10 +93,13 @@ def test_key_changes_with_template_loss_mask_and_tokenizer(tiny_dir):
     assert key != text_encoding_key(proc, fam, "all")
 
 
-def test_to_stored_ranges():
-    ids, labels = [5, 6, 7, 8, 9], [-100, 6, 7, -100, 9]
-    assert to_stored(ids, labels) == {"ids": ids, "train": [[1, 3], [4, 5]]}
-    assert from_stored(to_stored(ids, labels)) == (ids, labels)
+def test_stored_form_round_trips_and_is_compact():
+    ids, labels = [5, 151_643, 7, 16_777_215, 9, 0], [-100, 151_643, 7, -100, 9, 0]
+    stored = to_stored(ids, labels)
+    assert stored["train"] == [[1, 3], [4, 6]] and len(stored["ids"]) == 4 * len(ids)  # 4 characters a token
+    assert from_stored(json.loads(json.dumps(stored))) == (ids, labels)
+    assert from_stored(to_stored([], [])) == ([], [])
+    assert to_stored([1 << 24], [-100]) is None  # not representable: left to the loader
 
 
 @pytest.fixture

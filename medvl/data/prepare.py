@@ -153,8 +153,9 @@ def process_item(item: Record | Rejection, settings: Settings) -> dict | Rejecti
             rec["meta"].setdefault("repairs", []).append(f"dropped {dropped} trailing turn(s) to fit max_seq_len")
         rec["meta"]["n_tokens"] = n_tokens
         rec["meta"]["visual_tokens"] = visual
-        if _WORKER["text_key"]:
-            rec["meta"]["tokens"] = to_stored(*text)
+        stored = to_stored(*text) if _WORKER["text_key"] else None
+        if stored is not None:
+            rec["meta"]["tokens"] = stored
     return rec
 
 
