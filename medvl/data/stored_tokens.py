@@ -43,12 +43,11 @@ def text_encoding_key(processor, family: Family, loss_mask: str) -> str | None:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         return None
-    h = hashlib.sha256()
-    h.update(backend.to_str().encode())  # vocabulary, merges, normalizer, pre-tokenizer, added tokens
     parts = {"version": VERSION, "family": family.name, "loss_mask": loss_mask,
              "template": getattr(processor, "chat_template", None), "tok_template": getattr(tok, "chat_template", None),
              "bos": tok.bos_token, "eos": tok.eos_token, "image_token": family.image_token}
-    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    h.update(backend.to_str().encode())  # vocabulary, merges, normalizer, pre-tokenizer, added tokens
     return h.hexdigest()[:24]
 
 
