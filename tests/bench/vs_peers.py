@@ -39,8 +39,9 @@ Measured per run, runs interleaved round by round, medians and (min-max) over ro
   wall   - the whole process, start-up included; "wall speed" = peer wall / medvl wall.
   phases - ms per steady step in the DataLoader iterator, accelerate's backward, clip_grad_norm_ and optimizer step
            (the same library calls in all three) and the rest (forward, loss, bookkeeping).
-Not the same work inside the loop: LLaMA-Factory tokenizes every sample (and sizes its images) in a datasets.map pass
-before training, so its loader only loads images and collates; medvl and swift encode each sample in the loader.
+Where the text is tokenized: LLaMA-Factory in a datasets.map pass before training (its loader loads images, runs the
+image processor and collates); medvl in prepare-data --model, which stores each sample's text tokens (its loader
+loads images, processes them and expands the image tokens); swift in the loader, for every sample.
 Exit status 1 when medvl's steady loop is slower than a peer's (ratio < vs_trainer.TARGET).
 """
 
