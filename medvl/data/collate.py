@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from medvl.data.qwen_pixels import qwen_pixels
 # TemplateError and to_template_messages are imported from here by callers (eval, tests)
 from medvl.data.schema import IMAGE_PLACEHOLDER
 from medvl.data.turns import (TemplateError, check_template, to_template_messages,  # noqa: F401
@@ -128,7 +129,7 @@ def _expand_qwen_images(plain_ids, plain_labels, images, processor, family: Fami
     image_id = tokenizer_of(processor).convert_tokens_to_ids(family.image_token)
     if merge is None or not isinstance(image_id, int) or plain_ids.count(image_id) != len(images):
         return None
-    vision = ip(images=images, return_tensors="pt")
+    vision = qwen_pixels(ip, images) or ip(images=images, return_tensors="pt")
     grid = vision.get("image_grid_thw")
     if grid is None or len(grid) != len(images):
         return None
