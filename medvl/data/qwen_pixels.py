@@ -29,6 +29,10 @@ CLI's startup must not load them (tests/test_cli_startup.py).
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["qwen_pixels"]
 
