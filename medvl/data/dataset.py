@@ -25,7 +25,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from medvl.data.paths import allowed_path, path_problem, resolve_data_path
+from medvl.data.paths import allowed_resolved_path, path_problem, resolve_data_path
 from medvl.errors import MedvlError
 
 SHARD_GLOB = "data-*.jsonl"
@@ -54,8 +54,8 @@ class SampleIndex:
         """The absolute paths of sample i's images, each checked by the root rule (symlinks resolved)."""
         k = self.shard_of[i]
         base = rec.get("image_root") or self.roots[k]
-        return [allowed_path(resolve_data_path(p, base), base=None, roots=self.image_roots[k],
-                             where=f"{self.shards[k]}: sample {rec.get('id')}") for p in rec.get("images", [])]
+        return [allowed_resolved_path(resolve_data_path(p, base), roots=self.image_roots[k],
+                                      where=f"{self.shards[k]}: sample {rec.get('id')}") for p in rec.get("images", [])]
 
 
 def _fail(what: str, where: str | Path, fix: str | None = None) -> MedvlError:
