@@ -208,29 +208,38 @@ def encode_record(record: dict, images: list, processor, family: Family, *, loss
 # batches
 
 def collate(samples: list[Encoded], pad_id: int, *, pack: bool = False) -> dict:
-    """A padded batch (right padding) or, with pack=True, one row holding every sample back to back."""
+    """A padded batch (right padding) or, with pack=True, one row holding every sample back to back.
+
+    The token tables are filled in numpy and shared with torch: torch.tensor() on nested lists of Python ints
+    took 36 us per 8 x 51 table, 0.15 ms of a batch's 0.19 ms collate."""
+    import numpy as np
     import torch
 
-    batch: dict = {}
+    def table(field: str, fill: int) -> torch.Tensor:
+        rows = [getattr(s, field) for s in samples]
+        if pack:
+            return torch.from_numpy(np.fromiter((t for r in rows for t in r), np.int64, total)[None])
+        out = np.full((len(samples), width), fill, dtype=np.int64)
+        for r, xs in enumerate(rows):
+            out[r, :len(xs)] = xs
+        return torch.from_numpy(out)
+
+    lens = [len(s) for s in samples]
+    total, width = sum(lens), max(lens)
+    batch: dict = {"input_ids": table("input_ids", pad_id), "labels": table("labels", IGNORE)}
     if pack:
-        ids = [t for s in samples for t in s.input_ids]
-        batch["input_ids"] = torch.tensor([ids])
-        batch["labels"] = torch.tensor([[t for s in samples for t in s.labels]])
-        batch["position_ids"] = torch.tensor([[p for s in samples for p in range(len(s))]])
-        if samples[0].mm_token_type_ids is not None:
-            batch["mm_token_type_ids"] = torch.tensor([[t for s in samples for t in s.mm_token_type_ids]])
+        batch["position_ids"] = torch.from_numpy(np.concatenate([np.arange(n, dtype=np.int64) for n in lens])[None])
     else:
-        width = max(len(s) for s in samples)
-        pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
-        batch["input_ids"] = torch.tensor([pad(s.input_ids, pad_id) for s in samples])
-        batch["labels"] = torch.tensor([pad(s.labels, IGNORE) for s in samples])
-        batch["attention_mask"] = torch.tensor([pad([1] * len(s), 0) for s in samples])
-        if samples[0].mm_token_type_ids is not None:
-            batch["mm_token_type_ids"] = torch.tensor([pad(s.mm_token_type_ids, 0) for s in samples])
+        mask = np.zeros((len(samples), width), dtype=np.int64)
+        for r, n in enumerate(lens):
+            mask[r, :n] = 1
+        batch["attention_mask"] = torch.from_numpy(mask)
+    if samples[0].mm_token_type_ids is not None:
+        batch["mm_token_type_ids"] = table("mm_token_type_ids", 0)
     keys = sorted({k for s in samples for k in s.vision})
     for k in keys:
         batch[k] = torch.cat([s.vision[k] for s in samples if k in s.vision], dim=0)
-    batch["seq_lens"] = torch.tensor([len(s) for s in samples])
+    batch["seq_lens"] = torch.tensor(lens)
     batch["images_per_sample"] = torch.tensor([s.n_images for s in samples])
     return batch
 
