@@ -72,3 +72,40 @@ def test_a_later_epoch_is_planned_once(monkeypatch):
     for step in range(spe, 3 * spe):
         plan.micro_batches(step, 0)
     assert calls == [0, 1, 2]  # before: epochs 0 and e rebuilt for every micro-batch of epoch 2 onwards
+
+
+def test_a_packed_run_trains_every_epoch_to_the_end(tiny_dir, tmp_path):
+    """Three packed epochs end to end, where epochs 1 and 2 pack into fewer rows than epoch 0 (28, 27, 26): before,
+    the run died with an IndexError in epoch 1."""
+    import json
+
+    from medvl.config import load_recipe
+    from medvl.data.dataset import EncodedDataset, index_prepared
+    from medvl.data.prepare import prepare
+    from medvl.engine.batches import _measure_lengths
+    from medvl.engine.metrics import ListSink
+    from medvl.engine.train import train
+    from medvl.families import get_family
+    from medvl.models import load_processor
+
+    r = random.Random(5)
+    rows = [{"_id": f"d{i}", "conversation": [{"role": "user", "content": "symptom " * r.randint(1, 4)},
+            {"role": "assistant", "content": " ".join(["rest"] * r.choice([1, 2, 3, 8, 14, 20]))}]} for i in range(40)]
+    (tmp_path / "disc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    prepare([tmp_path / "disc.jsonl"], tmp_path / "data")
+    model, fam = tiny_dir("causal-lm"), get_family("causal-lm")
+    ds = EncodedDataset(index_prepared([tmp_path / "data"]), load_processor(model, fam), fam, loss_mask="all",
+                        max_seq_len=64, load_image=None)
+    counts = [len(epoch_batches(_measure_lengths(ds), seed=0, epoch=e, micro_batch=1, pack_budget=64))
+              for e in range(3)]
+    assert counts[1] < counts[0] and counts[2] < counts[0], counts
+    recipe = load_recipe("tiny_cpu", [f"model.base={model}", f"data.train=[{tmp_path / 'data'}]",
+                                      f"output.dir={tmp_path / 'run'}", "train.max_steps=null", "train.epochs=3",
+                                      "train.save_every=null", "train.eval_every=null", "data.val_fraction=null",
+                                      "data.packing=true", "data.max_seq_len=64", "train.micro_batch_size=1",
+                                      "train.seed=0", "train.log_every=1", "optim.warmup_steps=1"])
+    sink = ListSink()
+    res = train(recipe, sinks=[sink])
+    start = next(e for e in sink.events if e["kind"] == "start")
+    assert start["steps_per_epoch"] == counts[0] and res.steps == 3 * counts[0]
+    assert [e["step"] for e in sink.events if e["kind"] == "train"] == list(range(1, res.steps + 1))
