@@ -18,13 +18,14 @@ tests/bench/train_throughput.py (tiny Qwen2.5-VL, 2-core CPU, quiet; speed relat
 medians of 3 interleaved rounds):
     data (padding of padded batches)     block mask over the row   per sample
     short answers, like the demo (6 %)
-      forward + backward, same samples            0.44x                 1.67x
-      end to end, supervised tokens/s             0.53x                 1.44x
+      forward + backward, same samples            0.69x                 2.02x
+      end to end, supervised tokens/s             0.78x                 1.83x
     1-40-word answers (29 %)
-      forward + backward, same samples            0.38x                 1.41x
-      end to end, supervised tokens/s             0.47x                 1.40x
+      forward + backward, same samples            0.47x                 1.42x
+      end to end, supervised tokens/s             0.61x                 1.48x
 Per-sample attention wins even with little padding: one packed row runs the layers once for ~40 short
-samples where padded batches run them 5 times, and the fixed per-step costs are shared by more samples. With
+samples where padded batches run them 5 times, and the fixed per-step costs are shared by more samples (the
+loader's share shrank with stored text tokens, so these are higher than the first measurement's 1.67x/1.44x). With
 29 % padding, removing it saves at most 1/0.71 = 1.41x of the work, which the varied data reaches.
 """
 
