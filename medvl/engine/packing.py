@@ -24,8 +24,8 @@ medians of 3 interleaved rounds):
       forward + backward, same samples            0.47x                 1.42x
       end to end, supervised tokens/s             0.61x                 1.48x
 Per-sample attention wins even with little padding: one packed row runs the layers once for ~40 short
-samples where padded batches run them 5 times, and the fixed per-step costs are shared by more samples (the
-loader's share shrank with stored text tokens, so these are higher than the first measurement's 1.67x/1.44x). With
+samples where padded batches run them 5 times, and the fixed per-step costs are shared by more samples (an
+earlier quiet-machine measurement gave 1.67x/1.44x and 1.41x/1.40x; the spread is the machine's). With
 29 % padding, removing it saves at most 1/0.71 = 1.41x of the work, which the varied data reaches.
 """
 
