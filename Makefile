@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench bench-peers gpu-check completions clean
+.PHONY: demo test test-fast test-lowest bench bench-peers gpu-check completions clean
 
 # Reinstall when the dependency list changes; editable install, so code edits need nothing. The exact verified
 # versions come from medvl/constraints.txt (pyproject.toml declares only ranges, for users' own GPU boxes).
@@ -19,6 +19,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The declared lower bounds: a second venv with every dependency at the lowest version pyproject.toml allows
+# (medvl/constraints-lowest.txt; torch stays at the verified build), then the whole suite there.
+test-lowest:
+	test -x .venv-lowest/bin/python || $(PY) -m venv .venv-lowest
+	.venv-lowest/bin/python -m pip install --quiet -c medvl/constraints-lowest.txt -e '.[dev]'
+	HF_HUB_OFFLINE=1 .venv-lowest/bin/python -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"

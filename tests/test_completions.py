@@ -55,7 +55,10 @@ def test_committed_completion_scripts_are_current(tmp_path):
     for path in written:
         committed = COMMITTED / path.name
         assert committed.exists(), f"{committed} is missing: run `make completions`"
-        assert committed.read_text() == path.read_text(), f"{committed} is stale: run `make completions`"
+        # the header names the typer that wrote it; under another typer within the declared range (make
+        # test-lowest) only the script itself must be the same
+        body = lambda text: [line for line in text.splitlines() if not line.startswith("# medvl completion for")]  # noqa: E731
+        assert body(committed.read_text()) == body(path.read_text()), f"{committed} is stale: run `make completions`"
 
 
 def test_zsh_script_starts_with_compdef():

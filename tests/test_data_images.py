@@ -15,6 +15,8 @@ from pydicom.data import get_testdata_file  # noqa: E402
 
 def _dcm(name):
     path = get_testdata_file(name, download=False)
+    if not path and tuple(int(x) for x in pydicom.__version__.split(".")[:3]) < (3, 0, 2):
+        pytest.skip(f"pydicom {pydicom.__version__} does not bundle {name} (3.0.2, the verified version, does)")
     assert path, f"{name} is not among pydicom's bundled files"
     return path
 

@@ -267,6 +267,27 @@ def test_every_declared_dependency_is_pinned_in_the_verified_set_and_inside_its_
         assert pins[name] in SpecifierSet(spec), f"{name}=={pins[name]} is outside the declared {spec}"
 
 
+def test_the_lowest_set_is_each_declared_lower_bound():
+    """medvl/constraints-lowest.txt (`make test-lowest`) pins every dependency at the bound pyproject.toml declares,
+    so a raised bound cannot go untested and an untested bound cannot be declared (torch: only 2.13.0 here)."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = Path(__file__).resolve().parents[1]
+    deps = [Requirement(r) for r in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]]
+    pins = dict(line.split("==") for line in (root / "medvl" / "constraints-lowest.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert set(pins) == {r.name for r in deps}
+    for r in deps:
+        lower = [Version(s.version) for s in r.specifier if s.operator == ">="]
+        assert len(lower) == 1, r
+        if r.name != "torch":
+            assert Version(pins[r.name]) == lower[0], f"{r.name}: lowest set {pins[r.name]}, declared >={lower[0]}"
+
+
 def test_check_rejects_unknown_status():
     with pytest.raises(ValueError):
         d.Check("x", "broken", "", "")
