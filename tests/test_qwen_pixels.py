@@ -66,9 +66,24 @@ def count_calls(monkeypatch):
     return calls
 
 
+def _warm(ip):
+    """The self-checks for this setting, one per branch: an image already on the grid, one that is resized, and
+    both in one call (each first call returns the processor's own result)."""
+    import math
+
+    lo, hi, patch, merge = qp._settings(ip)[:4]
+    factor = patch * merge
+    side = factor * math.ceil(math.sqrt(lo) / factor)
+    assert side * side <= hi
+    on_grid, resized = _noise(side, side, 98), _noise(side + 1, side, 99)
+    for images in ([on_grid], [resized], [on_grid, resized]):
+        qp.qwen_pixels(ip, images)
+    state = qp._STATE[ip][qp._settings(ip)]
+    assert not state["failed"] and len(state["checked"]) == 3  # all passed: the fast path is on
+
+
 def _assert_same(ip, images, count_calls):
-    qp.qwen_pixels(ip, [_noise(64, 64, 99)])  # the self-check for this setting: returns the processor's result
-    assert isinstance(qp._STATE[ip][qp._settings(ip)], np.ndarray)  # it passed: the fast path is on
+    _warm(ip)
     before = len(count_calls)
     fast = qp.qwen_pixels(ip, images)
     assert len(count_calls) == before  # computed without the processor
@@ -164,8 +179,29 @@ def test_the_self_check_turns_the_fast_path_off_when_a_bit_differs(monkeypatch, 
                         lambda self, *a, **k: np.nextafter(real(self, *a, **k), np.float32(np.inf)))
     im = [_noise(64, 64, 0)]
     assert qp.qwen_pixels(ip, im) is None and len(count_calls) == 1  # compared once, then refused
-    assert qp._STATE[ip][qp._settings(ip)] is None
+    assert qp._STATE[ip][qp._settings(ip)]["failed"]
     monkeypatch.setattr(T.Qwen2VLImageProcessorPil, "normalize", real)
     assert qp.qwen_pixels(ip, im) is None and len(count_calls) == 1  # the verdict stands: no second comparison
     other = T.Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 12544})
     assert qp.qwen_pixels(other, im) is not None  # the verdict was this processor's only
+
+
+def test_a_first_image_already_on_the_grid_does_not_vouch_for_the_resize(monkeypatch, count_calls):
+    """The keepalive row's 56x56 image needs no resize, so its self-check says nothing about resizing: a
+    transformers whose resize changed (here: another filter) is caught at the first image that is resized."""
+    import transformers as T
+
+    ip = T.Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 12544})
+    real = T.Qwen2VLImageProcessorPil.resize
+    monkeypatch.setattr(T.Qwen2VLImageProcessorPil, "resize",
+                        lambda self, image, size, resample, factor, **k: real(self, image, size, 2, factor, **k))
+    assert qp.qwen_pixels(ip, [_noise(56, 56, 0)]) is not None  # on the grid: both paths agree
+    assert qp.qwen_pixels(ip, [_noise(64, 64, 1)]) is None  # resized: compared again, differs, processor's job
+    assert qp._STATE[ip][qp._settings(ip)]["failed"] and len(count_calls) == 2
+
+
+def test_a_transformers_without_the_module_falls_back_to_the_processor(ip, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl", None)
+    assert qp.qwen_pixels(ip, [_noise(64, 64, 0)]) is None  # an ImportError is "call the processor", not a crash

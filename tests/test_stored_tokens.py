@@ -91,6 +91,27 @@ def test_key_changes_with_template_loss_mask_and_tokenizer(tiny_dir):
     proc = load_processor(tiny_dir("qwen2.5-vl"))
     proc.tokenizer.add_tokens(["<finding>"])
     assert key != text_encoding_key(proc, fam, "all")
+    proc = load_processor(tiny_dir("qwen2.5-vl"))
+    proc.tokenizer.split_special_tokens = True  # <|im_start|> would tokenize as its pieces
+    assert key != text_encoding_key(proc, fam, "all")
+
+
+def test_key_ignores_the_padding_a_call_leaves_and_follows_the_libraries(tiny_dir, monkeypatch):
+    """A batched, padded or truncating call leaves its settings on the tokenizer's backend (and save_pretrained
+    writes them out): the same tokenizer must keep its key. Another transformers or tokenizers must not."""
+    import medvl.versions
+
+    fam = get_family("qwen2.5-vl")
+    proc = load_processor(tiny_dir("qwen2.5-vl"))
+    key = text_encoding_key(proc, fam, "all")
+    proc.tokenizer(["a", "bbb ccc ddd"], padding=True)
+    proc.tokenizer(["a" * 50], truncation=True, max_length=4)
+    assert proc.tokenizer.backend_tokenizer.truncation or proc.tokenizer.backend_tokenizer.padding
+    assert text_encoding_key(proc, fam, "all") == key
+    real = medvl.versions.library_versions
+    monkeypatch.setattr(medvl.versions, "library_versions",
+                        lambda pkgs=(): {**real(pkgs), "tokenizers": "0.0.1"})
+    assert text_encoding_key(proc, fam, "all") != key
 
 
 def test_stored_form_round_trips_and_is_compact():
@@ -139,6 +160,7 @@ def test_prepared_records_carry_tokens_and_the_loader_uses_them(raw, tmp_path, t
     assert stored.stored_count(range(6)) == 6 and plain.stored_count(range(6)) == 0
     assert text_tokens_note(stored, list(range(6))) == "text tokens: stored by prepare-data for all 6 samples"
     assert "prepared without --model" in text_tokens_note(plain, list(range(6)))
+    assert "the manifest names no text encoding" in text_tokens_note(plain, list(range(6)))
     for i in range(6):
         _same(stored[i], plain[i])
     short = _dataset(tmp_path / "with", proc, fam, max_seq_len=len(stored[4]) - 1)
@@ -147,7 +169,7 @@ def test_prepared_records_carry_tokens_and_the_loader_uses_them(raw, tmp_path, t
     # the same data under another loss mask or template: the stored ids are ignored, and the header says why
     last = _dataset(tmp_path / "with", proc, fam, loss_mask="last")
     assert last.stored_count(range(6)) == 0
-    assert "another tokenizer, chat template or loss mask" in text_tokens_note(last, list(range(6)))
+    assert "another tokenizer, chat template, loss mask or library versions" in text_tokens_note(last, list(range(6)))
     assert last[0].labels != stored[0].labels  # "last" trains only the second answer: really re-encoded
     other = load_processor(model)
     other.chat_template = other.chat_template.replace("<|im_start|>", "<|im_start|> ")

@@ -329,9 +329,9 @@ def visual_token_counts(processor, family: Family, image_sizes: list[tuple[int, 
 
 
 def measure(record: dict, image_sizes: list[tuple[int, int]], processor, family: Family, *,
-            loss_mask: str = "all", max_seq_len: int | None = None):
-    """(kept messages, n_tokens, visual tokens per kept image, (text ids, labels) of the kept messages) for a
-    record, or a Rejected.
+            loss_mask: str = "all", max_seq_len: int | None = None, keep_text: bool = True):
+    """(kept messages, n_tokens, visual tokens per kept image, (text ids, labels) of the kept messages, or None
+    without keep_text) for a record, or a Rejected.
 
     The same rule as encode_record: drop whole trailing turns (and their images) until it fits."""
     check_template(processor, family.is_vision)  # MedvlError once, before any sample, for an unusable template
@@ -343,11 +343,15 @@ def measure(record: dict, image_sizes: list[tuple[int, int]], processor, family:
             kept = messages[:cut]
             if not trained_turns(kept, loss_mask):
                 break
-            _, ids, labels = encode_text(kept, processor, family, loss_mask)
+            if keep_text:  # offsets and labels too, for prepare-data to store (stored_tokens.py)
+                _, ids, labels = encode_text(kept, processor, family, loss_mask)
+            else:
+                text, _ = render_with_spans(processor, kept, family, loss_mask)
+                ids, labels = tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"], None
             n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in kept)
             n = len(ids) - n_img + sum(visual[:n_img])
             if max_seq_len is None or n <= max_seq_len:
-                return kept, n, visual[:n_img], (ids, labels)
+                return kept, n, visual[:n_img], (ids, labels) if keep_text else None
             last_len = n
     except ValueError as exc:
         return Rejected(str(record.get("id", "")), "template", str(exc))

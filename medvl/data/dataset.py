@@ -10,7 +10,8 @@ from the manifest (truncated, edited) or a corrupt manifest is a clear error bef
 final save. The SHA-256 is computed on the bytes the index reads anyway. Image paths are re-checked against the
 manifest's `image_roots` (paths.py): lexically for every sample at load, in full when an image is opened.
 
-The batch plan is a pure function of (lengths, seed, epoch, micro-batch size or packing budget, world size):
+The batch plan is a pure function of (lengths, seed, epoch, micro-batch size or packing budget, world size,
+gradient accumulation; a packed epoch after the first is fitted to epoch 0's count of rows):
 each rank takes its own slice, and resuming means starting the plan at the saved position, so a resumed run
 sees exactly the samples an uninterrupted run would have seen.
 """
@@ -309,7 +310,8 @@ class BatchPlan:
         return [batches[base + m * self.world + rank] for m in range(self.grad_accum)]
 
     def dropped_per_epoch(self) -> int:
-        """Samples epoch 0 leaves out (its last partial window); a later epoch leaves out at most as many."""
+        """Samples epoch 0 leaves out (its last partial window). A later packed epoch may leave out a few more or
+        fewer: its last rows hold other samples, and a sample that fits in no row of the fitted epoch waits."""
         return sum(len(b) for b in self._first[self._used:])
 
 

@@ -140,7 +140,7 @@ def process_item(item: Record | Rejection, settings: Settings) -> dict | Rejecti
                              "a text-only model", checked.location, checked.id)
         sizes = [tuple(s) for s in rec["meta"].get("image_sizes", [])]
         out = measure(rec, sizes, _WORKER["processor"], family, loss_mask=settings.loss_mask,
-                      max_seq_len=settings.max_seq_len)
+                      max_seq_len=settings.max_seq_len, keep_text=bool(_WORKER["text_key"]))
         if isinstance(out, Rejected):
             code = {"too_long": "too-long", "no_supervised_tokens": "no-trainable-turn"}.get(out.reason, "template")
             return Rejection(code, out.message, checked.location, checked.id)
@@ -153,7 +153,7 @@ def process_item(item: Record | Rejection, settings: Settings) -> dict | Rejecti
             rec["meta"].setdefault("repairs", []).append(f"dropped {dropped} trailing turn(s) to fit max_seq_len")
         rec["meta"]["n_tokens"] = n_tokens
         rec["meta"]["visual_tokens"] = visual
-        stored = to_stored(*text) if _WORKER["text_key"] else None
+        stored = to_stored(*text) if text is not None else None
         if stored is not None:
             rec["meta"]["tokens"] = stored
     return rec

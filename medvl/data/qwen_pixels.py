@@ -38,14 +38,19 @@ __all__ = ["qwen_pixels"]
 
 _BICUBIC = 3  # PIL.Image.Resampling.BICUBIC == transformers' PILImageResampling.BICUBIC
 
-# processor -> {settings: lookup table (float32 [C*256]), or None when the self-check found a difference}.
+# processor -> {settings: {"table": lookup table (float32 [C*256]), "checked": the branches (resized or not) whose
+# first call matched the processor, "failed": a self-check found a difference, so the processor is called}}.
 # Kept off the processor object: its __dict__ is what save_pretrained writes to preprocessor_config.json.
 _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _settings(ip) -> tuple | None:
     """Every value the processor's call reads for a PIL image, or None for a configuration not verified here."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    try:  # a transformers that moved the module: the processor's own call, not a crash in the loader
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (Qwen2VLImageProcessorPil,  # noqa: F401
+                                                                                smart_resize)
+    except ImportError:
+        return None
 
     if type(ip) is not Qwen2VLImageProcessorPil:  # a subclass may override any step
         return None
@@ -94,11 +99,12 @@ def _fast(images, settings, table):
 
     lo, hi, p, m, t = settings[:5]
     offsets = np.arange(3, dtype=np.intp) * 256
-    out, grids = [], []
+    out, grids, resized = [], [], set()
     for im in images:
         w, h = im.size
         # transformers' own rule, so a refused aspect ratio (> 200) raises the processor's ValueError
         rh, rw = smart_resize(h, w, factor=p * m, min_pixels=lo, max_pixels=hi)
+        resized.add((rw, rh) != (w, h))
         if (rw, rh) != (w, h):
             im = im.resize((rw, rh), resample=Image.Resampling.BICUBIC)
         # H x W x C float32 (take on flat indices: 2x faster than table[a, channel] fancy indexing)
@@ -110,7 +116,7 @@ def _fast(images, settings, table):
         x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))
         out.append(x.reshape(gh * gw, 3 * t * p * p))
         grids.append([1, gh, gw])
-    return out, grids
+    return out, grids, frozenset(resized)
 
 
 def qwen_pixels(ip, images) -> dict | None:
@@ -128,19 +134,23 @@ def qwen_pixels(ip, images) -> dict | None:
         known = _STATE.setdefault(ip, {})
     except TypeError:  # an unhashable or un-weakref-able processor object
         return None
-    table = known.get(settings, False)
-    if table is None:
+    state = known.setdefault(settings, {"table": None, "checked": set(), "failed": False})
+    if state["failed"]:
         return None  # this setting failed its self-check
-    first = table is False
-    if first:
-        table = _lookup_table(*settings[5:])
-    patches, grids = _fast(images, settings, table)
+    if state["table"] is None:
+        state["table"] = _lookup_table(*settings[5:])
+    patches, grids, branch = _fast(images, settings, state["table"])
     result = {"pixel_values": torch.from_numpy(np.concatenate(patches)),
               "image_grid_thw": torch.tensor(grids, dtype=torch.int64)}
-    if first:
+    # Checked once per branch the call took (resized or already on the grid, or both): a first image already on
+    # the grid (the keepalive row's 56x56) proves nothing about the resize
+    if branch not in state["checked"]:
         ref = ip(images=list(images), return_tensors="pt")
         same = set(ref.keys()) == set(result) and all(
             ref[k].dtype == v.dtype and ref[k].shape == v.shape and torch.equal(ref[k], v) for k, v in result.items())
-        known[settings] = table if same else None
-        return {k: ref[k] for k in result} if same else None
+        if not same:
+            state["failed"] = True
+            return None
+        state["checked"].add(branch)
+        return {k: ref[k] for k in result}
     return result

@@ -54,8 +54,9 @@ def text_tokens_note(dataset, ids: list[int]) -> str:
         return f"text tokens: stored by prepare-data for all {n:,} samples"
     if not expands_from_ids(dataset.family):
         return f"text tokens: encoded in the loader ({dataset.family.name}'s processor tokenizes the text itself)"
-    why = ("prepared with another tokenizer, chat template or loss mask" if any(dataset.index.text_keys)
-           else "prepared without --model")
+    why = ("prepared with another tokenizer, chat template, loss mask or library versions"
+           if any(dataset.index.text_keys)
+           else "the manifest names no text encoding: prepared without --model, or resumed under another one")
     what = f"{len(ids) - n:,} of {len(ids):,} samples" if n else "all samples"
     return (f"text tokens: encoded in the loader for {what} ({why}); prepare-data --model with this model "
             "stores them")
