@@ -97,12 +97,13 @@ def align_labels(expanded: list[int], plain: list[int], plain_labels: list[int])
 # ---------------------------------------------------------------------------------------------------------
 # one record -> Encoded, with image-safe truncation
 
-def encode_text(messages, processor, family: Family, loss_mask: str) -> tuple[str, list[int], list[int]]:
+def encode_text(messages, processor, family: Family, loss_mask: str, *, labels: bool = True):
     """(rendered text, its token ids, labels): the chat template and the loss mask, before any image is expanded
-    (each image is still its one placeholder token)."""
+    (each image is still its one placeholder token). labels=False: None for them, and no offsets computed."""
     text, spans = render_with_spans(processor, messages, family, loss_mask)
-    plain = tokenizer_of(processor)(text, add_special_tokens=False, return_offsets_mapping=True)
-    return text, plain["input_ids"], labels_from_spans(plain["offset_mapping"], plain["input_ids"], spans)
+    plain = tokenizer_of(processor)(text, add_special_tokens=False, return_offsets_mapping=labels)
+    ids = plain["input_ids"]
+    return text, ids, labels_from_spans(plain["offset_mapping"], ids, spans) if labels else None
 
 
 def expands_from_ids(family: Family) -> bool:
@@ -343,11 +344,8 @@ def measure(record: dict, image_sizes: list[tuple[int, int]], processor, family:
             kept = messages[:cut]
             if not trained_turns(kept, loss_mask):
                 break
-            if keep_text:  # offsets and labels too, for prepare-data to store (stored_tokens.py)
-                _, ids, labels = encode_text(kept, processor, family, loss_mask)
-            else:
-                text, _ = render_with_spans(processor, kept, family, loss_mask)
-                ids, labels = tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"], None
+            # labels (from offsets) only for prepare-data to store (stored_tokens.py)
+            _, ids, labels = encode_text(kept, processor, family, loss_mask, labels=keep_text)
             n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in kept)
             n = len(ids) - n_img + sum(visual[:n_img])
             if max_seq_len is None or n <= max_seq_len:

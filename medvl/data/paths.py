@@ -73,7 +73,7 @@ def path_problem(path: str | Path, *, base: str | Path | None, roots: Iterable[s
     return _problem(path, resolve_data_path(path, base), _folders(base, roots), lexical)
 
 
-def _problem(path: str | Path, full: str, folders: list[str], lexical: bool) -> str | None:
+def _problem(path: str | Path, full: str, folders: list[str] | tuple[str, ...], lexical: bool) -> str | None:
     """path_problem once `path` is resolved to `full` (resolve_data_path) and the allowed folders normalized."""
     if not folders:
         return (f"{path} is a path from data and no folder is allowed to hold such files; "
@@ -137,12 +137,12 @@ def allowed_resolved_path(full: str, *, roots: tuple[str, ...], where: str | Non
     return full
 
 
-def _root_folders(roots: tuple[str, ...]) -> list[str]:
+def _root_folders(roots: tuple[str, ...]) -> tuple[str, ...] | list[str]:
     """_folders(None, roots), cached when every root is absolute (the manifest stores them so): a relative one
     follows the working folder."""
     return _absolute_folders(roots) if all(os.path.isabs(r) for r in roots) else _folders(None, roots)
 
 
 @functools.lru_cache(maxsize=256)
-def _absolute_folders(roots: tuple[str, ...]) -> list[str]:
-    return _folders(None, roots)
+def _absolute_folders(roots: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_folders(None, roots))  # a tuple: the cached value is shared by every caller
